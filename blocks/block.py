@@ -1,0 +1,7 @@
+"""PLACEHOLDER written by the lead so the package imports; the owning helper replaces this whole file."""
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, *a, **k):
+        raise NotImplementedError("placeholder")

@@ -1,0 +1,2 @@
+def reparameterize(module):  # PLACEHOLDER, replaced by its owner
+    return module

@@ -1,0 +1,1 @@
+"""`hybridnas bench ...`: benchmarks that print ratios measured side by side in one run."""
