@@ -4,6 +4,7 @@ Nothing here knows about search, data or tracking. See shared BLOCKS.md for what
 """
 
 from .block import Block
+from .describe import describe
 from .registry import (
     ADDONS,
     ATTENTION_MIXERS,
@@ -14,7 +15,6 @@ from .registry import (
     build_mixer,
 )
 from .reparam import reparameterize
-from .describe import describe
 
 __all__ = [
     "ADDONS",

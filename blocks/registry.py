@@ -15,7 +15,7 @@ from torch import nn
 
 from .acmix import ACmix
 from .axial import AxialAttention
-from .conv import ConvMixer, ConvDownsample
+from .conv import ConvDownsample, ConvMixer
 from .coord_attn import CoordAttention
 from .deform import DeformConv
 from .gc import ContextBlock
@@ -45,7 +45,11 @@ class Identity(nn.Identity):
 
 
 ADDONS: dict[str, type[nn.Module]] = {"none": Identity, "gc": ContextBlock, "ca": CoordAttention}
-DOWNSAMPLES: dict[str, type[nn.Module]] = {"conv": ConvDownsample, "spd": SPDConv, "patch_merge": PatchMerging}
+DOWNSAMPLES: dict[str, type[nn.Module]] = {
+    "conv": ConvDownsample,
+    "spd": SPDConv,
+    "patch_merge": PatchMerging,
+}
 
 # Mixers whose options include heads (attention-based); used by the search space for conditionals.
 ATTENTION_MIXERS = ("acmix", "window", "shifted_window", "slide", "axial")
