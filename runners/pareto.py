@@ -1,0 +1,555 @@
+"""Pareto fronts of a search: non-dominated sorting, hypervolume, the knee, and the plots.
+
+Every function takes objective values as an ``(n, m)`` array plus one mode per column (``"max"`` or
+``"min"``). Internally everything is turned into minimisation by negating the ``max`` columns, so a
+point ``a`` dominates ``b`` when ``a <= b`` in every column and ``a < b`` in at least one.
+
+- Non-dominated sorting and hypervolume come from moocore (López-Ibáñez et al.,
+  https://multi-objective.github.io/moocore/python/), a maintained C library: the 2-D/3-D
+  algorithms are O(n log n) (Fonseca, Paquete & López-Ibáñez 2006; Guerreiro & Fonseca 2017).
+- The knee is the front member farthest from the hyperplane through the extreme points, after
+  normalising each objective to [0, 1] over the front (Das 1999, "On characterizing the 'knee' of
+  the Pareto curve based on Normal-Boundary Intersection", Structural Optimization 18; the same
+  measure drives KnEA, Zhang, Tian & Jin 2015, https://doi.org/10.1109/TEVC.2014.2339823).
+
+Rows with a missing (NaN) or infinite value are never on a front and add no hypervolume: a trial
+that failed to report latency must not win by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+MODES = ("max", "min")
+# The default when a parent run does not say which objectives it searched.
+DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (("val_acc", "max"), ("macs", "min"))
+METRIC_COLUMNS = (
+    "val_acc",
+    "macs",
+    "flops",
+    "params",
+    "latency_ms",
+    "latency_ms_measured",
+    "train_time_s",
+    "imgs_per_s",
+)
+# Axis labels with units. MACs are multiply-accumulates (what papers print as "FLOPs"); flops = 2 * macs.
+LABELS = {
+    "val_acc": "validation accuracy",
+    "macs": "MACs (multiply-accumulates)",
+    "flops": "FLOPs (= 2 x MACs)",
+    "params": "parameters",
+    "latency_ms": "latency (ms, predicted)",
+    "latency_ms_measured": "latency (ms, measured)",
+    "train_time_s": "training time (s)",
+    "imgs_per_s": "training throughput (images/s)",
+}
+# Counts that span decades across a search space: a log axis keeps the small models readable.
+LOG_AXES = {"macs", "flops", "params"}
+
+
+# ---------------------------------------------------------------------------------------------
+# dominance, ranks, hypervolume, knee
+
+
+def objective_pairs(objectives: Iterable[Any]) -> list[tuple[str, str]]:
+    """Accept ``[(metric, mode)]``, ``[[metric, mode]]`` (JSON) or objects with ``.metric``/``.mode``."""
+    pairs = []
+    for o in objectives:
+        metric, mode = (o.metric, o.mode) if hasattr(o, "metric") else (o[0], o[1])
+        if mode not in MODES:
+            raise ValueError(f"objective {metric!r}: mode {mode!r} is not one of {', '.join(MODES)}")
+        pairs.append((str(metric), str(mode)))
+    return pairs
+
+
+def _as_min(points: Any, modes: Sequence[str]) -> np.ndarray:
+    """(n, m) float array with the ``max`` columns negated, so that smaller is better everywhere."""
+    p = np.asarray(points, dtype=float)
+    if p.ndim == 1:  # one objective given as a flat vector
+        p = p[:, None]
+    if p.ndim != 2:
+        raise ValueError(f"points must be an (n, m) array, got shape {p.shape}")
+    if len(modes) != p.shape[1]:
+        raise ValueError(f"{len(modes)} modes for {p.shape[1]} objective columns")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"mode {bad[0]!r} is not one of {', '.join(MODES)}")
+    sign = np.array([-1.0 if m == "max" else 1.0 for m in modes])
+    return p * sign
+
+
+def non_dominated(points: Any, modes: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the points no other point dominates.
+
+    Duplicates of a non-dominated point are all non-dominated (moocore's ``keep_weakly=True``): two
+    trials that tie on every objective are both on the front. Rows with NaN/inf are ``False``.
+    """
+    import moocore
+
+    p = _as_min(points, modes)
+    mask = np.zeros(len(p), dtype=bool)
+    finite = np.isfinite(p).all(axis=1)
+    if finite.any():
+        mask[finite] = moocore.is_nondominated(p[finite], keep_weakly=True)
+    return mask
+
+
+def pareto_ranks(points: Any, modes: Sequence[str]) -> np.ndarray:
+    """Non-dominated sorting: 0 for the front, 1 for the front once 0 is removed, and so on.
+
+    Duplicates share a rank. Rows with NaN/inf get -1 (unranked).
+    """
+    import moocore
+
+    p = _as_min(points, modes)
+    ranks = np.full(len(p), -1, dtype=int)
+    finite = np.isfinite(p).all(axis=1)
+    if finite.any():
+        ranks[finite] = moocore.pareto_rank(p[finite])
+    return ranks
+
+
+def hypervolume(points: Any, modes: Sequence[str], reference: Sequence[float]) -> float:
+    """Volume of objective space dominated by ``points`` and bounded by ``reference`` (moocore).
+
+    ``reference`` is in the objectives' own units and directions (e.g. ``[0.0, 5e7]`` for
+    val_acc max, macs min). Points that do not strictly beat the reference in every objective add
+    nothing. With a fixed reference, adding points never lowers the value.
+    """
+    import moocore
+
+    p = _as_min(points, modes)
+    sign = np.array([-1.0 if m == "max" else 1.0 for m in modes])
+    ref = np.asarray(reference, dtype=float).reshape(-1)
+    if ref.shape != (p.shape[1],) or not np.isfinite(ref).all():
+        raise ValueError(f"reference must be {p.shape[1]} finite numbers, got {list(reference)!r}")
+    p = p[np.isfinite(p).all(axis=1)]
+    if len(p) == 0:
+        return 0.0
+    return float(moocore.hypervolume(p, ref=ref * sign))
+
+
+def _bound_max(bound: Any) -> float | None:
+    """The upper limit of a constraint given as a number, ``{"max": x}`` or an object with ``.max``."""
+    if bound is None:
+        return None
+    if isinstance(bound, (int, float)):
+        return float(bound)
+    value = bound.get("max") if isinstance(bound, Mapping) else getattr(bound, "max", None)
+    return None if value is None else float(value)
+
+
+def reference_point(
+    objectives: Iterable[Any],
+    first: Mapping[str, float] | None = None,
+    constraints: Mapping[str, Any] | None = None,
+    multiple: float = 10.0,
+) -> np.ndarray:
+    """The hypervolume reference of a search, fixed before (or at) its first finished trial.
+
+    Policy, per objective:
+
+    - ``max`` objectives (val_acc): 0, their natural lower bound (every hybridnas metric is >= 0).
+    - ``min`` objectives with a constraint maximum (``constraints: {macs: {max: 5e7}}``): that
+      maximum, since no feasible trial exceeds it (flops and macs imply each other: flops = 2 x macs).
+    - other ``min`` objectives: ``multiple`` x the first finished trial's value (``first``).
+
+    The reference never moves afterwards, so hypervolumes logged at each step compare with each
+    other and never decrease as trials are added. A resumed search gets the same reference by
+    passing the same first trial (or by storing the returned point).
+    """
+    constraints = dict(constraints or {})
+    caps = {k: _bound_max(v) for k, v in constraints.items()}
+    if caps.get("flops") is None and caps.get("macs") is not None:
+        caps["flops"] = 2.0 * caps["macs"]
+    if caps.get("macs") is None and caps.get("flops") is not None:
+        caps["macs"] = caps["flops"] / 2.0
+    ref = []
+    for metric, mode in objective_pairs(objectives):
+        if mode == "max":
+            ref.append(0.0)
+        elif caps.get(metric) is not None:
+            ref.append(float(caps[metric]))
+        else:
+            value = None if first is None else first.get(metric)
+            if value is None or not math.isfinite(float(value)):
+                raise ValueError(
+                    f"no reference for minimised {metric!r}: give a constraint maximum or the first"
+                    " trial's value"
+                )
+            # A zero first value (nothing to scale) still needs a box with some volume.
+            ref.append(multiple * float(value) if float(value) > 0 else 1.0)
+    return np.asarray(ref, dtype=float)
+
+
+class HypervolumeTracker:
+    """Hypervolume after each finished trial of a search, with the reference fixed at the first one.
+
+    >>> hv = HypervolumeTracker([("val_acc", "max"), ("macs", "min")], constraints={"macs": {"max": 5e7}})
+    >>> hv.add({"val_acc": 0.9, "macs": 1e7})  # 0.9 * (5e7 - 1e7)
+    36000000.0
+    """
+
+    def __init__(
+        self,
+        objectives: Iterable[Any],
+        constraints: Mapping[str, Any] | None = None,
+        reference: Sequence[float] | None = None,
+        multiple: float = 10.0,
+    ):
+        self.objectives = objective_pairs(objectives)
+        self.modes = [mode for _, mode in self.objectives]
+        self.constraints = dict(constraints or {})
+        self.multiple = multiple
+        self.reference = None if reference is None else np.asarray(reference, dtype=float)
+        self.points: list[list[float]] = []
+
+    def add(self, metrics: Mapping[str, float]) -> float:
+        """Add one finished, feasible trial's metrics; return the hypervolume of all trials so far."""
+        if self.reference is None:
+            self.reference = reference_point(self.objectives, metrics, self.constraints, self.multiple)
+        self.points.append([float(metrics.get(m, math.nan)) for m, _ in self.objectives])
+        return self.value
+
+    @property
+    def value(self) -> float:
+        if not self.points:
+            return 0.0
+        return hypervolume(np.array(self.points), self.modes, self.reference)
+
+
+def knee(points: Any, modes: Sequence[str]) -> int:
+    """Index (into ``points``) of the knee of the front: the best trade-off, where gaining more in
+    one objective starts to cost a lot in the others.
+
+    Method: take the non-dominated points, normalise each objective to [0, 1] over the front (0 =
+    best), find the extreme point of each objective (best in it, ties broken by the others), and
+    return the front member with the largest signed distance to the hyperplane through those
+    extremes, on the side of the ideal point (Das 1999). In 2-D that hyperplane is the line between
+    the two ends of the front, so the knee is the point bulging farthest towards the ideal corner.
+    When the extremes do not span a hyperplane (fewer distinct extremes than objectives), the
+    plane ``sum(x) = const`` through their centroid is used instead. Ties go to the point closest
+    to the ideal point. Scaling an objective does not move the knee; a log scale would (the
+    normalisation is linear).
+    """
+    p = _as_min(points, modes)
+    front = np.flatnonzero(non_dominated(points, modes))
+    if len(front) == 0:
+        raise ValueError("no point with finite values in every objective")
+    f = p[front]
+    lo, hi = f.min(axis=0), f.max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    z = (f - lo) / span
+    m = z.shape[1]
+    if m == 1:
+        return int(front[int(np.argmin(z[:, 0]))])
+    extremes = []
+    for j in range(m):
+        others = np.delete(z, j, axis=1).sum(axis=1)
+        extremes.append(int(np.lexsort((others, z[:, j]))[0]))
+    e = z[extremes]
+    normal, offset = None, 0.0
+    if len(set(extremes)) == m:
+        try:
+            normal = np.linalg.solve(e, np.ones(m))
+            offset = 1.0
+        except np.linalg.LinAlgError:
+            normal = None
+        if normal is not None and not np.isfinite(normal).all():
+            normal = None
+    if normal is None:
+        normal, offset = np.ones(m), float(e.sum(axis=1).mean())
+    distance = (offset - z @ normal) / np.linalg.norm(normal)
+    closeness = np.linalg.norm(z, axis=1)
+    best = np.lexsort((closeness, -np.round(distance, 12)))[0]
+    return int(front[best])
+
+
+# ---------------------------------------------------------------------------------------------
+# tables and plots
+
+
+def arch_summary(spec: Any) -> str:
+    """Mixers per stage in one line: ``conv x2 c32 | acmix x1 c64 +ca``."""
+    if spec is None or not hasattr(spec, "stages"):
+        return ""
+    parts = []
+    for st in spec.stages:
+        text = f"{st.mixer} x{st.depth} c{st.channels}"
+        if getattr(st, "addon", "none") not in (None, "none"):
+            text += f" +{st.addon}"
+        parts.append(text)
+    return " | ".join(parts)
+
+
+def human(value: Any, metric: str = "") -> str:
+    """Short human form of a metric value: 0.9731 -> 97.31%, 12345678 MACs -> 12.35M."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(v):
+        return "-"
+    if metric == "val_acc":
+        return f"{100 * v:.2f}%"
+    if metric in ("macs", "flops", "params"):
+        for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+            if abs(v) >= div:
+                return f"{v / div:.2f}{suffix}"
+        return f"{v:.0f}"
+    if metric.endswith("_ms"):
+        return f"{v:.3f}"
+    return f"{v:.4g}"
+
+
+def trial_key(t: Any) -> tuple:
+    """Sort trial ids naturally: '2' before '10', Ray ids 'abc_00002' by their number."""
+    s = str(t)
+    tail = s.rsplit("_", 1)[-1]
+    return (0, int(tail), s) if tail.isdigit() else (1, 0, s)
+
+
+def feasible_table(df: pd.DataFrame, objectives: Iterable[Any]) -> pd.DataFrame:
+    """The trials that can be compared: status ok (when given) and every objective finite, with
+    ``pareto`` (bool), ``rank`` and ``arch_summary`` columns added, front first."""
+    objs = objective_pairs(objectives)
+    metrics = [m for m, _ in objs]
+    missing = [m for m in metrics if m not in df.columns]
+    if missing:
+        raise ValueError(f"objective column(s) {missing} not in the table (columns: {list(df.columns)})")
+    t = df.copy()
+    if "status" in t.columns:
+        t = t[t["status"].fillna("ok") == "ok"]
+    for m in metrics:
+        t[m] = pd.to_numeric(t[m], errors="coerce")
+    t = t[np.isfinite(t[metrics].to_numpy(dtype=float)).all(axis=1)].copy()
+    values = t[metrics].to_numpy(dtype=float).reshape(len(t), len(metrics))
+    modes = [mode for _, mode in objs]
+    t["pareto"] = non_dominated(values, modes) if len(t) else np.zeros(0, dtype=bool)
+    t["rank"] = pareto_ranks(values, modes) if len(t) else np.zeros(0, dtype=int)
+    if "arch_summary" not in t.columns:
+        t["arch_summary"] = [arch_summary(a) for a in t["arch"]] if "arch" in t.columns else ""
+    if "arch" in t.columns and "arch_hash" not in t.columns:
+        t["arch_hash"] = [a.arch_hash() if hasattr(a, "arch_hash") else "" for a in t["arch"]]
+    first_metric, first_mode = objs[0]
+    t["_trial_key"] = [trial_key(x) for x in t["trial"]] if "trial" in t.columns else 0
+    t = t.sort_values(
+        ["rank", first_metric, "_trial_key"], ascending=[True, first_mode == "min", True], kind="stable"
+    )
+    return t.drop(columns=["_trial_key"]).reset_index(drop=True)
+
+
+def _csv_frame(t: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    metrics = [m for m, _ in objectives]
+    lead = ["trial", "run_id", "pareto", "rank"]
+    metric_cols = metrics + [c for c in METRIC_COLUMNS if c not in metrics]
+    tail = ["arch_summary", "arch_hash", "status", "parent_run_id"]
+    order = [c for c in lead + metric_cols + tail if c in t.columns]
+    rest = [c for c in t.columns if c not in order and c != "arch"]
+    return t[order + rest]
+
+
+def front_table(df: pd.DataFrame, objectives: Iterable[Any], front_only: bool = True) -> str:
+    """A fixed-width text table of the front (or all feasible trials), for the terminal."""
+    objs = objective_pairs(objectives)
+    t = feasible_table(df, objs)
+    if front_only:
+        t = t[t["pareto"]]
+    metrics = [m for m, _ in objs] + [
+        c for c in ("val_acc", "macs", "params", "latency_ms") if c not in dict(objs)
+    ]
+    metrics = [m for m in metrics if m in t.columns]
+    header = ["trial", *metrics, "arch"]
+    rows = [
+        [str(r.get("trial", "")), *[human(r.get(m), m) for m in metrics], str(r.get("arch_summary", ""))]
+        for r in t.to_dict("records")
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _label(metric: str, mode: str) -> str:
+    better = "higher" if mode == "max" else "lower"
+    return f"{LABELS.get(metric, metric)}, {better} is better"
+
+
+def _step_where(x_mode: str) -> str:
+    """Where the attainment staircase steps, for points sorted by ascending x.
+
+    With x minimised, between two front points the best reachable y is the left point's (the step
+    comes after it: 'post'); with x maximised it is the right point's ('pre').
+    """
+    return "post" if x_mode == "min" else "pre"
+
+
+def _png(t, y, x, front2, title) -> bytes:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    (ym, ymode), (xm, xmode) = y, x
+    fig = Figure(figsize=(7.0, 5.0), dpi=110)
+    ax = fig.add_subplot()
+    ax.scatter(t[xm], t[ym], s=22, color="0.65", label=f"all feasible trials ({len(t)})", zorder=2)
+    full_only = t["pareto"].to_numpy() & ~front2
+    if full_only.any():
+        ax.scatter(
+            t.loc[full_only, xm],
+            t.loc[full_only, ym],
+            s=40,
+            facecolors="none",
+            edgecolors="C1",
+            label="on the front of all objectives",
+            zorder=3,
+        )
+    f = t[front2].sort_values(xm, kind="stable")
+    ax.step(f[xm], f[ym], where=_step_where(xmode), color="C0", lw=1.5, zorder=3)
+    ax.scatter(f[xm], f[ym], s=40, color="C0", label=f"Pareto front: {ym} vs {xm}", zorder=4)
+    for _, r in f.iterrows():
+        ax.annotate(
+            str(r.get("trial", "")), (r[xm], r[ym]), textcoords="offset points", xytext=(4, 4), fontsize=7
+        )
+    for metric, setter in ((xm, ax.set_xscale), (ym, ax.set_yscale)):
+        if metric in LOG_AXES and (t[metric] > 0).all():
+            setter("log")
+    if ym == "val_acc":
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if xm == "val_acc":
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel(_label(xm, xmode))
+    ax.set_ylabel(_label(ym, ymode))
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _hover(r: Mapping[str, Any], metrics: list[str]) -> str:
+    lines = [f"trial {r.get('trial', '')}", str(r.get("arch_summary", ""))]
+    lines += [f"{m}: {human(r.get(m), m)}" for m in metrics if m in r]
+    if r.get("run_id"):
+        lines.append(f"run {r['run_id']}")
+    return "<br>".join(lines)
+
+
+def _html(t, y, x, front2, title, metrics) -> str:
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    (ym, ymode), (xm, xmode) = y, x
+
+    def trace(rows: pd.DataFrame, **kw) -> go.Scatter:
+        # Plain lists, not numpy arrays: plotly >= 6 would base64-encode arrays in the page.
+        return go.Scatter(
+            x=rows[xm].astype(float).tolist(),
+            y=rows[ym].astype(float).tolist(),
+            hovertext=[_hover(r, metrics) for r in rows.to_dict("records")],
+            hoverinfo="text",
+            **kw,
+        )
+
+    fig = go.Figure()
+    fig.add_trace(
+        trace(t, mode="markers", name=f"all feasible trials ({len(t)})", marker={"color": "#a6a6a6"})
+    )
+    full_only = t["pareto"].to_numpy() & ~front2
+    if full_only.any():
+        fig.add_trace(
+            trace(
+                t[full_only],
+                mode="markers",
+                name="on the front of all objectives",
+                marker={"color": "rgba(0,0,0,0)", "size": 11, "line": {"color": "#ff7f0e", "width": 2}},
+            )
+        )
+    f = t[front2].sort_values(xm, kind="stable")
+    fig.add_trace(
+        trace(
+            f,
+            mode="lines+markers",
+            name=f"Pareto front: {ym} vs {xm}",
+            line={"shape": "hv" if _step_where(xmode) == "post" else "vh", "color": "#1f77b4"},
+            marker={"size": 10, "color": "#1f77b4"},
+        )
+    )
+    fig.update_layout(
+        title=title,
+        template="plotly_white",
+        xaxis_title=_label(xm, xmode),
+        yaxis_title=_label(ym, ymode),
+        legend={"orientation": "h", "y": -0.2},
+    )
+    for metric, update in ((xm, fig.update_xaxes), (ym, fig.update_yaxes)):
+        if metric in LOG_AXES and (t[metric] > 0).all():
+            update(type="log")
+        if metric == "val_acc":
+            update(tickformat=".1%")
+    # Embed plotly.js (~4 MB): the page must open offline and inside the MLflow UI's artifact view.
+    return pio.to_html(fig, include_plotlyjs=True, full_html=True)
+
+
+def write_fronts(
+    df: pd.DataFrame, objectives: Iterable[Any], out_dir: str | Path, title: str | None = None
+) -> list[Path]:
+    """Write ``pareto.csv`` and, for each pair of objectives, ``pareto_<a>_vs_<b>.png``/``.html``.
+
+    ``df`` has one row per trial with the objective columns, ``trial``, and optionally ``status``
+    (only ``ok`` rows are used), ``run_id`` and ``arch`` (an ArchSpec, summarised per stage). The
+    CSV holds every feasible trial with its ``pareto`` flag and non-dominated ``rank``. In each plot
+    ``a`` is on the y axis and ``b`` on the x axis; the front of that pair is connected as the
+    attainment staircase and the front of all objectives is ringed. Files are written atomically.
+    Returns the written paths (CSV first).
+    """
+    from runners.export import atomic_write
+
+    objs = objective_pairs(objectives)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t = feasible_table(df, objs)
+    paths = [atomic_write(out / "pareto.csv", _csv_frame(t, objs).to_csv(index=False))]
+    if len(t) == 0:
+        return paths
+    metrics = [m for m, _ in objs] + [
+        c for c in ("val_acc", "macs", "params", "latency_ms") if c not in dict(objs)
+    ]
+    for y, x in itertools.combinations(objs, 2):
+        front2 = non_dominated(t[[y[0], x[0]]].to_numpy(dtype=float), [y[1], x[1]])
+        name = f"pareto_{y[0]}_vs_{x[0]}"
+        head = f"{title}: " if title else ""
+        caption = f"{head}{y[0]} vs {x[0]} ({int(front2.sum())} on the front)"
+        paths.append(atomic_write(out / f"{name}.png", _png(t, y, x, front2, caption)))
+        paths.append(atomic_write(out / f"{name}.html", _html(t, y, x, front2, caption, metrics)))
+    return paths
+
+
+def main(args: argparse.Namespace) -> int:
+    """`hybridnas pareto --experiment NAME [--tracking-uri URI] [--out DIR]`."""
+    from runners.export import load_runs, slug
+
+    df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
+    objectives = df.attrs.get("objectives") or list(DEFAULT_OBJECTIVES)
+    out = Path(getattr(args, "out", None) or f"{slug(args.experiment)}_pareto")
+    paths = write_fronts(df, objectives, out, title=args.experiment)
+    objs = objective_pairs(objectives)
+    n_front = int(feasible_table(df, objs)["pareto"].sum())
+    goals = ", ".join(f"{m} ({mode})" for m, mode in objs)
+    print(f"experiment {args.experiment}: {len(df)} finished trials, {n_front} on the front of {goals}")
+    print(front_table(df, objs))
+    print("wrote:")
+    for p in paths:
+        print(f"  {p}")
+    return 0
