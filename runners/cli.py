@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("blocks", help="list mixers, add-ons and downsamplers with their papers and options")
     s.set_defaults(func=_cmd_blocks)
 
-    s = sub.add_parser("space", help="validate an experiment file; print the space size and sample architectures")
+    s = sub.add_parser(
+        "space", help="validate an experiment file; print the space size and sample architectures"
+    )
     s.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
     s.add_argument("--samples", type=int, default=3, help="how many architectures to sample and print")
     s.add_argument("--seed", type=int, default=0)
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="run an architecture search from an experiment file")
     s.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
-    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: the file's, else sqlite:///mlflow.db)")
+    s.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: the file's, else sqlite:///mlflow.db)"
+    )
     s.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search")
     s.add_argument("--out", help="output directory (default: hybridnas_runs/<name>)")

@@ -23,7 +23,9 @@ def _check_keys(d: Any, cls: type, path: str) -> dict:
     names = [f.name for f in fields(cls)]
     for k in d:
         if k not in names:
-            raise SpecError(f"{path}.{k}", f"unknown key; allowed: {', '.join(names)}{did_you_mean(k, names)}")
+            raise SpecError(
+                f"{path}.{k}", f"unknown key; allowed: {', '.join(names)}{did_you_mean(k, names)}"
+            )
     return dict(d)
 
 
@@ -40,7 +42,9 @@ def _typed(cls: type, d: dict, path: str):
         if v is None and default is None:
             out[f.name] = v
             continue
-        kind = f.metadata.get("type", type(default) if default is not MISSING and default is not None else None)
+        kind = f.metadata.get(
+            "type", type(default) if default is not MISSING and default is not None else None
+        )
         if kind is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if kind is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
@@ -71,14 +75,26 @@ class DataConfig:
                 raise SpecError(f"{path}.{k}", f"expected a positive integer, got {d[k]!r}")
         if d.get("root") is not None and not isinstance(d["root"], str):
             raise SpecError(f"{path}.root", f"expected a directory path, got {d['root']!r}")
-        cfg = _typed(cls, {k: v for k, v in d.items() if k not in ("size", "channels", "classes", "samples", "root")},
-                     path)
-        cfg = cls(**{**asdict(cfg), **{k: d[k] for k in ("size", "channels", "classes", "samples", "root") if k in d}})
+        cfg = _typed(
+            cls,
+            {k: v for k, v in d.items() if k not in ("size", "channels", "classes", "samples", "root")},
+            path,
+        )
+        cfg = cls(
+            **{
+                **asdict(cfg),
+                **{k: d[k] for k in ("size", "channels", "classes", "samples", "root") if k in d},
+            }
+        )
         if cfg.dataset not in DATASETS:
-            raise SpecError(f"{path}.dataset", f"{cfg.dataset!r} is not one of {', '.join(DATASETS)}"
-                                               f"{did_you_mean(cfg.dataset, DATASETS)}")
+            raise SpecError(
+                f"{path}.dataset",
+                f"{cfg.dataset!r} is not one of {', '.join(DATASETS)}{did_you_mean(cfg.dataset, DATASETS)}",
+            )
         if not 0.0 < cfg.val_fraction < 1.0:
-            raise SpecError(f"{path}.val_fraction", f"must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
+            raise SpecError(
+                f"{path}.val_fraction", f"must be between 0 and 1 (exclusive), got {cfg.val_fraction}"
+            )
         if cfg.dataset in ("imagefolder",) and not cfg.root:
             raise SpecError(f"{path}.root", f"dataset {cfg.dataset!r} needs root: a directory")
         return cfg

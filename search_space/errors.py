@@ -29,4 +29,6 @@ def did_you_mean(value: object, allowed: Iterable[str]) -> str:
 
 def not_one_of(path: str, value: object, allowed: Iterable[str]) -> SpecError:
     allowed = list(allowed)
-    return SpecError(path, f"{value!r} is not one of {', '.join(map(str, allowed))}{did_you_mean(value, allowed)}")
+    return SpecError(
+        path, f"{value!r} is not one of {', '.join(map(str, allowed))}{did_you_mean(value, allowed)}"
+    )
