@@ -185,23 +185,9 @@ class Experiment:
                     f"search.trials: {search.trials} > {n} architectures in the grid; it runs {n}",
                     stacklevel=2,
                 )
-        resources = _section(d.get("resources"), "resources", Resources)
-        resources = Resources(
-            cpu=as_float(resources.cpu, "resources.cpu", 0.0),
-            gpu=as_float(resources.gpu, "resources.gpu", 0.0),
-        )
-        if resources.cpu <= 0:
-            raise SpecError("resources.cpu", f"must be > 0, got {resources.cpu}")
-        latency = _section(d.get("latency"), "latency", LatencyConfig)
-        as_choice(latency.device, "latency.device", LATENCY_DEVICES)
-        as_int(latency.batch_size, "latency.batch_size", 1, 4096)
-        as_int(latency.threads, "latency.threads", 1, 1024)
-        tracking = _section(d.get("tracking"), "tracking", TrackingConfig)
-        if tracking.uri is not None and (not isinstance(tracking.uri, str) or not tracking.uri):
-            raise SpecError("tracking.uri", f"expected a tracking URI string, got {tracking.uri!r}")
-        if not isinstance(tracking.experiment, str):
-            raise SpecError("tracking.experiment", f"expected a string, got {type_name(tracking.experiment)}")
-        tracking = TrackingConfig(uri=tracking.uri, experiment=tracking.experiment or name)
+        resources = parse_resources(d.get("resources"))
+        latency = parse_latency(d.get("latency"))
+        tracking = parse_tracking(d.get("tracking"), name)
         out_dir = d.get("out_dir", f"hybridnas_runs/{name}")
         if not isinstance(out_dir, str) or not out_dir:
             raise SpecError("out_dir", f"expected a directory path, got {out_dir!r}")
@@ -352,6 +338,32 @@ def _search(value: Any) -> SearchConfig:
         seed=as_int(d.get("seed", 0), "search.seed", 0, 2**32 - 1),
         max_failures=as_int(d.get("max_failures", 1), "search.max_failures", 0, 100),
     )
+
+
+def parse_resources(value: Any, path: str = "resources") -> Resources:
+    """`resources:` (per trial; fractions allowed). Shared by experiment and ablation files."""
+    r = _section(value, path, Resources)
+    r = Resources(cpu=as_float(r.cpu, f"{path}.cpu", 0.0), gpu=as_float(r.gpu, f"{path}.gpu", 0.0))
+    if r.cpu <= 0:
+        raise SpecError(f"{path}.cpu", f"must be > 0, got {r.cpu}")
+    return r
+
+
+def parse_latency(value: Any, path: str = "latency") -> LatencyConfig:
+    lat = _section(value, path, LatencyConfig)
+    as_choice(lat.device, f"{path}.device", LATENCY_DEVICES)
+    as_int(lat.batch_size, f"{path}.batch_size", 1, 4096)
+    as_int(lat.threads, f"{path}.threads", 1, 1024)
+    return lat
+
+
+def parse_tracking(value: Any, default_experiment: str, path: str = "tracking") -> TrackingConfig:
+    t = _section(value, path, TrackingConfig)
+    if t.uri is not None and (not isinstance(t.uri, str) or not t.uri):
+        raise SpecError(f"{path}.uri", f"expected a tracking URI string, got {t.uri!r}")
+    if not isinstance(t.experiment, str):
+        raise SpecError(f"{path}.experiment", f"expected a string, got {type_name(t.experiment)}")
+    return TrackingConfig(uri=t.uri, experiment=t.experiment or default_experiment)
 
 
 def _section(value: Any, path: str, cls: type) -> Any:
