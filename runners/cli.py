@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
     s = bsub.add_parser("blocks", help="every mixer vs an unfold implementation and the matmul rate")
     s.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
+    s.add_argument(
+        "--mixers",
+        type=lambda v: [m for m in v.split(",") if m],
+        help="comma-separated subset, e.g. acmix,slide",
+    )
     s.set_defaults(func=_handler("runners.bench.blocks"))
     s = bsub.add_parser("latency", help="latency lookup table: predicted vs measured")
     s.add_argument("--experiment", default=None, help="space to sample from (default: the quickstart)")

@@ -1,0 +1,397 @@
+"""`hybridnas ablate`: one factor (or a grid of factors) of a base architecture, several seeds each.
+
+Every (variant, seed) is one Ray Tune trial, run by the same trainable as a search
+(`runners.search.hybridnas_trial`) and logged by the same driver-side MLflow callback: one parent
+run for the study, one nested child run per trial tagged with ``factor``, ``value``, ``seed`` and
+``variant``. The table at the end (`runners.ablation_table`) is built from what MLflow holds, so a
+study continued with ``--resume`` reports every seed, and trains only the (variant, seed) pairs
+that have no finished run yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from search_space.errors import SpecError, UserError
+
+STATE_FILE = "ablation_state.json"
+FILES = ("ablation.md", "ablation.csv", "ablation.tex", "ablation.png")
+
+
+class AblationError(UserError):
+    """A study that cannot start or continue as asked."""
+
+
+@dataclasses.dataclass
+class AblationResult:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    out_dir: Path
+    rows: list  # list[ablation_table.Row]
+    files: list[Path]
+    trained: int  # trials run by this call (a resumed study skips the finished ones)
+    skipped: int
+    counts: dict[str, int]
+    ui_command: str
+
+
+def ablation_trial(config: dict) -> None:
+    """The Tune trainable: the search's trainable on one (variant, seed) config."""
+    from runners.search import hybridnas_trial
+
+    hybridnas_trial(config["trial"])
+
+
+def _trial_key(variant: str, seed: int) -> str:
+    return json.dumps([variant, seed])
+
+
+def measure_variants(study: Any, input_spec: Any) -> dict[str, dict]:
+    """MACs, FLOPs, params and predicted latency of every variant, checking that each one builds.
+
+    Runs before anything trains: a variant that cannot be built for this data is a `SpecError`
+    naming the variant and the reason.
+    """
+    from runners.measure import LatencyTable, predict_latency, profile_spec
+
+    table = LatencyTable()
+    out = {}
+    for v in study.variants:
+        if v.spec.input != input_spec:
+            raise SpecError(
+                "base.input",
+                f"the architecture takes {_shape(v.spec.input)} but dataset {study.data.dataset!r} gives "
+                f"{_shape(input_spec)}; set input: {{channels: {input_spec.channels}, size: {input_spec.size}, "
+                f"classes: {input_spec.classes}}}",
+            )
+        try:
+            p = profile_spec(v.spec)
+        except (ValueError, RuntimeError) as e:
+            raise SpecError(f"variant {v.name!r}", f"cannot be built: {e}") from None
+        lat = predict_latency(
+            v.spec,
+            table,
+            device=study.latency.device,
+            batch_size=study.latency.batch_size,
+            threads=study.latency.threads,
+        )
+        out[v.name] = {"macs": p["macs"], "flops": p["flops"], "params": p["params"], "latency_ms": lat}
+    table.save()
+    return out
+
+
+def _shape(i: Any) -> str:
+    return f"{i.channels}x{i.size}x{i.size} with {i.classes} classes"
+
+
+def _input_for(study: Any) -> Any:
+    from search_space.experiment import known_input
+    from search_space.spec import InputSpec
+
+    known = known_input(study.data)
+    if known is not None:
+        return known
+    from runners.search import _dataset
+
+    data = _dataset(dataclasses.asdict(study.data))
+    return InputSpec(channels=data.channels, size=data.size, classes=data.classes)
+
+
+def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
+    """Finished child runs of the study by (variant, seed) key; unfinished ones are deleted."""
+    from runners.tracking import FINISHED, child_runs
+
+    done = {}
+    for run in child_runs(client, exp_id, parent):
+        tags = run.data.tags
+        key = tags.get("hybridnas.run_key")
+        if key and tags.get("hybridnas.status") in FINISHED:
+            done[key] = run
+        elif key:
+            client.delete_run(run.info.run_id)  # cut short by an interruption: it runs again
+    return done
+
+
+def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> str:
+    from runners.tracking import log_params
+
+    run = client.create_run(
+        exp_id,
+        run_name=study.name,
+        tags={
+            "hybridnas.kind": "ablation",
+            "hybridnas.out_dir": str(out),
+            "mlflow.note.content": f"hybridnas ablation {study.name}: {len(study.variants)} variants x "
+            f"{len(study.seeds)} seeds",
+        },
+    )
+    pid = run.info.run_id
+    params = {
+        "mode": study.mode,
+        "seeds": ",".join(map(str, study.seeds)),
+        "variants": len(study.variants),
+        "factors": ", ".join(p for p, _ in study.vary),
+        "dataset": study.data.dataset,
+        "epochs": study.train.epochs,
+        "batch_size": study.train.batch_size,
+        "lr": study.train.lr,
+        "confidence": study.confidence,
+        "base_arch_hash": study.base.arch_hash(),
+    }
+    log_params(client, pid, params)
+    if study.source_text:
+        client.log_text(pid, study.source_text, "ablation.yaml")
+    client.log_text(pid, study.base.to_yaml(), "base_arch.yaml")
+    return pid
+
+
+def _results_from_mlflow(client: Any, exp_id: str, parent: str) -> tuple[list[dict], dict[str, int]]:
+    from runners.tracking import child_runs
+
+    results, counts = [], {"ok": 0, "failed": 0}
+    for run in child_runs(client, exp_id, parent):
+        tags, m = run.data.tags, run.data.metrics
+        status = tags.get("hybridnas.status")
+        if status in counts:
+            counts[status] += 1
+        if status != "ok" or "val_acc" not in m:
+            continue
+        results.append(
+            {
+                "variant": tags.get("variant"),
+                "factor": tags.get("factor"),
+                "value": tags.get("value"),
+                "seed": int(tags.get("seed", 0)),
+                **{k: m.get(k, float("nan")) for k in ("val_acc", "macs", "params", "latency_ms")},
+            }
+        )
+    return results, counts
+
+
+def run_ablation(
+    study: Any,
+    *,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    stream: Any = None,
+) -> AblationResult:
+    """Train every (variant, seed) of ``study`` not finished yet, then write and log the table."""
+    from runners import ablation_table as at
+    from runners import tracking as tr
+    from runners.search import init_ray
+
+    stream = stream or sys.stdout
+    say = (lambda line: print(line, file=stream, flush=True)) if progress else (lambda line: None)
+    out = Path(out_dir or study.out_dir).expanduser().resolve()
+    state_path = out / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    if state and not resume:
+        raise AblationError(
+            f"{out} already holds this study (MLflow run {state['parent_run_id']}); continue it with --resume, "
+            "or start a fresh one with --out DIR"
+        )
+    if resume and not state:
+        raise AblationError(f"nothing to resume in {out} (no {STATE_FILE}); run without --resume")
+
+    # Everything that can be wrong with the file is found before MLflow or Ray start.
+    input_spec = _input_for(study)
+    measures = measure_variants(study, input_spec)
+
+    uri = tr.resolve_tracking_uri(tracking_uri or (state or {}).get("tracking_uri") or study.tracking.uri)
+    tr.check_tracking_uri(uri)
+    client = tr.make_client(uri)
+    exp_id = tr.experiment_id(client, study.tracking.experiment)
+    if state:
+        parent = state["parent_run_id"]
+        client.update_run(parent, status="RUNNING")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        parent = _start_parent(client, exp_id, study, out, uri)
+        from runners.export import atomic_write
+
+        atomic_write(
+            state_path,
+            json.dumps(
+                {
+                    "parent_run_id": parent,
+                    "tracking_uri": uri,
+                    "experiment_id": exp_id,
+                    "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+                },
+                indent=2,
+            )
+            + "\n",
+        )
+
+    done = _finished_runs(client, exp_id, parent)
+    todo = [(v, s) for v, s in study.trials() if _trial_key(v.name, s) not in done]
+    total = len(study.trials())
+    say(
+        f"ablation {study.name}: {len(study.variants)} variants x {len(study.seeds)} seeds = {total} trials "
+        f"({study.mode}); {len(done)} finished before, {len(todo)} to train"
+    )
+    say(f"mlflow: experiment {study.tracking.experiment!r}, study run {parent} at {tr.redact(uri)}")
+
+    if todo:
+        configs = []
+        for v, seed in todo:
+            configs.append(
+                {
+                    "arch": v.spec.to_dict(),
+                    "train": v.train.replace(seed=seed).to_dict(),
+                    "data": dataclasses.asdict(study.data),
+                    "predicted": measures[v.name],
+                    "feasible": True,
+                    "violations": "",
+                    "trial_number": f"{v.name}/seed{seed}" if v.name != "base" else f"base/seed{seed}",
+                    "arch_hash": v.spec.arch_hash(),
+                    "run_key": _trial_key(v.name, seed),
+                    "tags": {"variant": v.name, "factor": v.factor, "value": v.value, "seed": str(seed)},
+                    "cpus": study.resources.cpu,
+                    "faults": os.environ.get("HYBRIDNAS_FAULTS", ""),
+                    "replay": None,
+                    "optuna_params": {},
+                }
+            )
+        import torch
+
+        torch.set_num_threads(1)
+        init_ray(address)
+        from ray import tune
+
+        callback = tr.MlflowSearchCallback(
+            uri,
+            exp_id,
+            parent,
+            [("val_acc", "max")],
+            {},
+            total_trials=total,
+            progress=progress,
+            stream=stream,
+        )
+        tuner = tune.Tuner(
+            tune.with_resources(ablation_trial, {"cpu": study.resources.cpu, "gpu": study.resources.gpu}),
+            # A grid over complete trial configs: Tune runs each (variant, seed) once, in order.
+            param_space={"trial": tune.grid_search(configs)},
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=study.concurrency),
+            run_config=tune.RunConfig(
+                name=f"ablation-{int(time.time())}",
+                storage_path=str(out / "ray"),
+                callbacks=[callback],
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=1),
+            ),
+        )
+        tuner.fit()
+
+    results, counts = _results_from_mlflow(client, exp_id, parent)
+    if not any(r["variant"] == "base" for r in results):
+        client.set_terminated(parent, "FAILED")
+        raise AblationError(
+            "no run of the base architecture finished: no table to compute (see the failed runs)"
+        )
+    rows = at.build_table(results, confidence=study.confidence)
+    files = write_outputs(rows, out, study)
+    for f in files:
+        client.log_artifact(parent, str(f))
+    for r in rows:
+        if r.variant != "base":
+            key = r.variant.replace("=", "_").replace(",", "").replace(" ", "")[:200]
+            tr.log_metrics(client, parent, {f"diff.{_metric_key(key)}": r.diff})
+    client.set_terminated(parent, "FINISHED")
+    say("")
+    say(at.to_text(rows, study.confidence))
+    say("")
+    say(
+        f"{counts['ok']} ok, {counts['failed']} failed; '*' = the {round(100 * study.confidence)}% CI of the "
+        "difference to the base excludes zero (Welch's t-test)"
+    )
+    say("wrote " + ", ".join(str(_rel(f)) for f in files))
+    say(f"browse: {tr.ui_command(uri)}")
+    return AblationResult(
+        name=study.name,
+        parent_run_id=parent,
+        tracking_uri=uri,
+        out_dir=out,
+        rows=rows,
+        files=files,
+        trained=len(todo),
+        skipped=len(done),
+        counts=counts,
+        ui_command=tr.ui_command(uri),
+    )
+
+
+def _metric_key(s: str) -> str:
+    # MLflow metric names allow alphanumerics, _ - . / and spaces.
+    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in s)
+
+
+def write_outputs(rows: list, out: Path, study: Any) -> list[Path]:
+    from runners import ablation_table as at
+    from runners.export import atomic_write
+
+    title = f"{study.name}: {', '.join(p for p, _ in study.vary)} ({study.mode}, {len(study.seeds)} seeds)"
+    out.mkdir(parents=True, exist_ok=True)
+    md, csv_, tex, png = (out / f for f in FILES)
+    atomic_write(md, at.to_markdown(rows, study.confidence, title=title))
+    atomic_write(tex, at.to_latex(rows, study.confidence, caption=title))
+    tmp = csv_.with_suffix(".csv.tmp")
+    at.write_csv(rows, tmp)
+    tmp.replace(csv_)
+    tmp = png.with_name("ablation.tmp.png")
+    at.plot(rows, tmp, title=title, confidence=study.confidence)
+    tmp.replace(png)
+    return [md, csv_, tex, png]
+
+
+def _rel(p: Path) -> Path:
+    try:
+        return p.relative_to(Path.cwd())
+    except ValueError:
+        return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from search_space.ablation import AblationStudy
+
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise SpecError(
+                "--seeds", f"expected comma-separated integers like 0,1,2, got {args.seeds!r}"
+            ) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study = AblationStudy.from_yaml(args.ablation, seeds=seeds)
+    for w in caught:
+        print(f"hybridnas: warning: {w.message}", file=sys.stderr)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise SpecError("--epochs", f"must be >= 1, got {args.epochs}")
+        study = dataclasses.replace(
+            study,
+            train=study.train.replace(epochs=args.epochs),
+            variants=tuple(
+                dataclasses.replace(v, train=v.train.replace(epochs=args.epochs)) for v in study.variants
+            ),
+        )
+    run_ablation(
+        study, tracking_uri=args.tracking_uri, address=args.address, resume=args.resume, out_dir=args.out
+    )
+    return 0

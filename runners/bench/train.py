@@ -1,0 +1,245 @@
+"""`hybridnas bench train`: the proxy trainer against a textbook PyTorch loop, in one run.
+
+Same architecture (a small conv net), same data (mnist5k), same initial weights, epochs, optimizer
+(AdamW), learning-rate schedule and batch size. The textbook loop is what a tutorial writes:
+``TensorDataset`` + ``DataLoader(shuffle=True)``, ``.to(device)`` and normalisation per batch, the
+default ``AdamW`` implementation, NCHW fp32. The trainer is `runners.train.fit`, which also runs its
+random-crop augmentation (the textbook loop has none), so the comparison is conservative.
+
+Printed: training images per second for both (evaluation excluded), their ratio, validation accuracy
+for both (they learn the same thing), and the trainer's achieved model FLOP rate, 3 x forward FLOPs
+per image x img/s (forward + backward ~ 3 forwards), as a fraction of this machine's measured matmul
+rate: how much of the hardware a small proxy model can use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from search_space.build import build_model
+from search_space.config import DataConfig, TrainConfig
+from search_space.spec import ArchSpec
+
+from ..data import Dataset, load_dataset
+from ..measure import profile
+from ..train import fit, lr_factor, resolve_device, seed_everything
+
+# experiments/arch_base.yaml (the ablations' base): 28x28 -> 14x14 -> 7x7, 16/32/64 channels.
+BENCH_ARCH = """
+input: {channels: 1, size: 28, classes: 10}
+stem: {channels: 16}
+stages:
+  - {mixer: conv, depth: 1, channels: 16, downsample: none}
+  - {mixer: conv, depth: 2, channels: 32, downsample: conv}
+  - {mixer: conv, depth: 1, channels: 64, downsample: conv}
+"""
+# --quick (tests, smoke runs): a quarter of the MACs, 512 training images, one epoch.
+QUICK_ARCH = """
+input: {channels: 1, size: 28, classes: 10}
+stem: {channels: 8}
+stages:
+  - {mixer: conv, depth: 1, channels: 16, downsample: conv, options: {kernel: 5}}
+  - {mixer: conv, depth: 1, channels: 32, downsample: conv, options: {kernel: 5}}
+"""
+
+
+def matmul_flops_per_s(device: torch.device, seconds: float = 0.5) -> tuple[float, str]:
+    """Best-of-3 dense square matmul rate (FLOP/s) in the dtype the trainer computes in on ``device``."""
+    cuda = device.type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    a @ b  # warm-up: library initialisation and kernel selection
+    sync()
+    best = 0.0
+    for _ in range(3):
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            sync()
+            if time.perf_counter() - t0 > seconds / 3:
+                break
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best, str(dtype).replace("torch.", "")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: absent from some builds
+        return False
+
+
+def textbook_fit(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The loop from a tutorial, with the trainer's optimizer, schedule and loss so only speed differs."""
+    seed_everything(cfg.seed)
+    model = model.to(device)
+    loader = DataLoader(
+        TensorDataset(data.train_x, data.train_y), batch_size=cfg.batch_size, shuffle=True, drop_last=True
+    )
+    val = DataLoader(TensorDataset(data.val_x, data.val_y), batch_size=cfg.batch_size)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = len(loader)
+    total, warmup = steps * cfg.epochs, round(cfg.warmup_epochs * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    imgs, wall, cpu, acc = 0, 0.0, 0.0, 0.0
+    for _ in range(cfg.epochs):
+        model.train()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            x = (x.float() / 255.0 - mean) / std
+            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            imgs += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in val:
+                x, y = x.to(device), y.to(device)
+                correct += int((model((x.float() / 255.0 - mean) / std).argmax(1) == y).sum())
+        acc = correct / len(data.val_y)
+    return {"imgs_per_s": imgs / wall, "imgs_per_cpu_s": imgs / cpu, "val_acc": acc, "train_s": wall}
+
+
+def trainer_fit(
+    model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device, precision: str = "auto"
+) -> dict[str, Any]:
+    """`runners.train.fit`, with the CPU time of its training steps (evaluation subtracted) on the side."""
+    marks = {"eval_cpu": 0.0}
+
+    def progress(i: int, steps: int) -> None:
+        if i == steps:
+            marks["end_of_training"] = time.process_time()
+
+    def callback(_: dict) -> None:
+        marks["eval_cpu"] += time.process_time() - marks["end_of_training"]
+
+    c0 = time.process_time()
+    res = fit(model, data, cfg, callback=callback, device=device, progress=progress, precision=precision)
+    cpu = time.process_time() - c0 - marks["eval_cpu"]
+    imgs = len(data.train_y) // cfg.batch_size * cfg.batch_size * cfg.epochs  # full batches only
+    return {
+        "imgs_per_s": res.imgs_per_s,
+        "imgs_per_cpu_s": imgs / cpu,
+        "val_acc": res.val_acc,
+        "train_s": imgs / res.imgs_per_s,
+    }
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The least disturbed of repeated runs: the best rates (accuracy is identical: seeded)."""
+    return {
+        **runs[0],
+        "imgs_per_s": max(r["imgs_per_s"] for r in runs),
+        "imgs_per_cpu_s": max(r["imgs_per_cpu_s"] for r in runs),
+        "runs": len(runs),
+    }
+
+
+def run(epochs: int = 2, quick: bool = False, device: str = "auto", threads: int = 1) -> dict[str, Any]:
+    """Both loops on the same model and data; returns the numbers `main` prints.
+
+    One CPU thread by default: that is what a search trial with ``resources: {cpu: 1}`` gets, and
+    a single thread's speed is the one least disturbed by whatever else shares the machine.
+    """
+    dev = resolve_device(device)
+    before = torch.get_num_threads()
+    if dev.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        spec = ArchSpec.from_yaml(QUICK_ARCH if quick else BENCH_ARCH)
+        data = load_dataset(DataConfig(dataset="mnist5k", samples=640 if quick else None))
+        cfg = TrainConfig(epochs=1 if quick else epochs, batch_size=128, lr=3e-3, seed=0)
+        seed_everything(cfg.seed)
+        model = build_model(spec)
+        fwd_flops = profile(model, (data.channels, data.size, data.size))["flops"]
+        # Identical initial weights for every run. Full runs go in A B B A order and keep each
+        # loop's best run, so that a burst of load from elsewhere cannot favour either side.
+        order = ["textbook", "trainer"] if quick else ["textbook", "trainer", "trainer", "textbook"]
+        runs: dict[str, list[dict[str, Any]]] = {"textbook": [], "trainer": []}
+        for name in order:
+            loop = textbook_fit if name == "textbook" else trainer_fit
+            runs[name].append(loop(copy.deepcopy(model), data, cfg, dev))
+        textbook, trainer = (_best(runs[k]) for k in ("textbook", "trainer"))
+        # Not the default on CPU (fp32 gives the same numbers on every CPU), but shown where the CPU
+        # has native bf16 (AVX512-BF16 / AMX): there it is the largest single speed-up.
+        bf16 = None
+        if dev.type == "cpu" and _cpu_has_bf16():
+            bf16 = trainer_fit(copy.deepcopy(model), data, cfg, dev, precision="bf16")
+        peak, dtype = matmul_flops_per_s(dev)
+        n_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    achieved = 3 * fwd_flops * trainer["imgs_per_s"]
+    return {
+        "arch_hash": spec.arch_hash(),
+        "fwd_flops": fwd_flops,
+        "train_images": len(data.train_y),
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "device": str(dev),
+        "threads": n_threads,
+        "textbook": textbook,
+        "trainer": trainer,
+        "trainer_bf16": bf16,
+        "speedup": trainer["imgs_per_s"] / textbook["imgs_per_s"],
+        "speedup_cpu": trainer["imgs_per_cpu_s"] / textbook["imgs_per_cpu_s"],
+        "achieved_flops_per_s": achieved,
+        "matmul_flops_per_s": peak,
+        "matmul_dtype": dtype,
+        "fraction_of_matmul": achieved / peak,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    r = run(epochs=args.epochs, quick=args.quick)
+    tb, tr = r["textbook"], r["trainer"]
+    print(
+        f"bench train: arch {r['arch_hash']} ({r['fwd_flops'] / 2e6:.2f}M MACs/img) on mnist5k "
+        f"({r['train_images']} train images), {r['epochs']} epoch(s), batch {r['batch_size']}, AdamW, "
+        f"{r['device']}, {r['threads']} thread(s), best of {r['textbook']['runs']} run(s) each"
+    )
+    print(f"  {'':52s} {'img/s':>8s} {'img/CPU-s':>10s} {'val_acc':>8s}")
+    rows = (
+        ("textbook loop (DataLoader, per-batch .to + normalise)", tb),
+        ("hybridnas trainer (+ random-crop augmentation)", tr),
+    )
+    for name, x in rows:
+        print(f"  {name:52s} {x['imgs_per_s']:8,.0f} {x['imgs_per_cpu_s']:10,.0f} {x['val_acc']:8.4f}")
+    print(f"  {'speed-up':52s} {r['speedup']:7.2f}x {r['speedup_cpu']:9.2f}x")
+    b = r["trainer_bf16"]
+    if b is not None:
+        print(
+            f"  {'hybridnas trainer with bf16 autocast (not the default)':52s} {b['imgs_per_s']:8,.0f} "
+            f"{b['imgs_per_cpu_s']:10,.0f} {b['val_acc']:8.4f}"
+        )
+        print(
+            f"  {'speed-up with bf16':52s} {b['imgs_per_s'] / tb['imgs_per_s']:7.2f}x "
+            f"{b['imgs_per_cpu_s'] / tb['imgs_per_cpu_s']:9.2f}x"
+        )
+    print(
+        f"  trainer: 3 x {r['fwd_flops'] / 1e6:.1f} MFLOP/img x {tr['imgs_per_s']:,.0f} img/s = "
+        f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['fraction_of_matmul']:.1f}% of this machine's "
+        f"{r['matmul_dtype']} matmul rate ({r['matmul_flops_per_s'] / 1e9:,.0f} GFLOP/s)"
+    )
+    return 0

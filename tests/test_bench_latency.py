@@ -1,0 +1,95 @@
+"""`hybridnas bench latency`: the latency table's predictions against end-to-end measurements.
+
+These check what the benchmark computes and prints, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from runners.bench import latency as bench
+from search_space import Experiment
+from search_space.errors import SpecError
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_EXPERIMENT = """
+name: tiny_latency
+data: {dataset: digits}
+space:
+  stem: {channels: [4, 8]}
+  stages:
+    - {mixer: [conv, window], depth: 1, channels: 8, downsample: none}
+    - {mixer: conv, depth: 1, channels: [8, 16], downsample: conv}
+  mixer_options:
+    window: {window: [2], heads: [2]}
+latency: {device: cpu, batch_size: 1, threads: 1}
+"""
+
+
+@pytest.fixture
+def experiment_file(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_EXPERIMENT)
+    return path
+
+
+def test_sampled_architectures_are_distinct_and_respect_exclusions(experiment_file):
+    exp = Experiment.from_yaml(experiment_file)
+    first = bench.sample_architectures(exp.space, exp.input, 3, seed=0)
+    hashes = [s.arch_hash() for s in first]
+    assert len(set(hashes)) == 3
+    rest = bench.sample_architectures(exp.space, exp.input, 50, seed=1, exclude=set(hashes))
+    assert not {s.arch_hash() for s in rest} & set(hashes)
+    assert len(rest) == exp.space.size() - 3  # a small space runs out instead of looping forever
+
+
+def test_test_architectures_are_predicted_from_other_architectures_measurements(experiment_file):
+    exp = Experiment.from_yaml(experiment_file)
+    rows = bench.evaluate(exp, samples=2, runs=20, clock="wall")
+    assert len(rows) == 2
+    for r in rows:
+        # Every unit of this space also occurs in some other architecture, so nothing was measured in
+        # the test architecture's own context: the prediction is a pure table lookup.
+        assert r["lookup"]
+        for key in ("predicted_ms", "measured_ms", "remeasured_ms"):
+            assert math.isfinite(r[key]) and r[key] > 0
+        assert r["error"] == pytest.approx((r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"])
+    assert sum(r["donors"] for r in rows) >= 1
+    s = bench.summarize(rows)
+    assert s["n"] == 2 and s["n_lookup"] == 2 and 0.0 <= s["within_10"] <= 1.0
+
+
+def test_summary_counts_errors_within_ten_percent():
+    rows = [
+        {"error": e, "lookup": look, "remeasure_diff": d}
+        for e, look, d in [(0.05, True, 0.0), (-0.09, True, 0.2), (0.3, False, -0.01), (-0.2, True, 0.02)]
+    ]
+    s = bench.summarize(rows)
+    assert s["within_10"] == 0.5 and s["median_error"] == pytest.approx(0.145)
+    assert s["n_lookup"] == 3 and s["lookup_within_10"] == pytest.approx(2 / 3)
+    assert s["remeasure_within_10"] == 0.75
+
+
+def test_main_prints_share_within_10_percent_and_median_error_per_clock(experiment_file, capsys):
+    rc = bench.main(argparse.Namespace(experiment=str(experiment_file), samples=1, quick=True))
+    out = capsys.readouterr().out
+    assert rc == 0
+    summaries = re.findall(r"^(wall|cpu): (\d+)% of 1 within 10% .*median \|error\| ([\d.]+)%", out, re.M)
+    assert [s[0] for s in summaries] == ["wall", "cpu"]
+    assert "noise floor" in out
+
+
+def test_default_experiment_is_the_quickstart(monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert bench._experiment_path(None) == Path("experiments") / "quickstart.yaml"
+
+
+def test_bad_sample_count_is_a_user_error(experiment_file):
+    with pytest.raises(SpecError, match="samples"):
+        bench.main(argparse.Namespace(experiment=str(experiment_file), samples=-1, quick=False))

@@ -1,0 +1,182 @@
+"""MAC counts of every block against its closed form (shared DESIGN.md: "MACs count attention correctly").
+
+Each test states the formula it checks. Conventions (as in the papers' counters): MACs of products
+only -- matmuls, convolutions, attention logits and aggregation, and elementwise tensor x tensor
+products; additions, softmax, normalisation, activations, pooling, biases and masks are free.
+The forms hold to within 1 %; most are exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocks import Block, build_addon, build_downsample, build_mixer, reparameterize
+from runners.measure import profile
+
+C, H, W = 32, 14, 14
+HW = H * W
+
+
+def macs(module: torch.nn.Module, c: int = C, h: int = H, w: int = W) -> int:
+    return profile(module, (c, h, w))["macs"]
+
+
+def close(counted: int, expected: float) -> bool:
+    return counted == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("kernel,groups", [(1, 1), (3, 1), (5, 1), (3, 4), (3, C)])
+def test_conv_mixer_is_k2_hw_c2_over_groups(kernel, groups):
+    # k^2 * hw * C^2 / groups
+    assert close(macs(build_mixer("conv", C, kernel=kernel, groups=groups)), kernel**2 * HW * C * C / groups)
+
+
+@pytest.mark.parametrize("heads,window", [(4, 7), (2, 7), (4, 2)])
+def test_window_msa_matches_swin_formula(heads, window):
+    # Swin: Omega(W-MSA) = 4hwC^2 + 2M^2hwC when M divides H and W (14 = 2*7 = 7*2).
+    assert close(
+        macs(build_mixer("window", C, heads=heads, window=window)), 4 * HW * C**2 + 2 * window**2 * HW * C
+    )
+
+
+def test_shifted_window_msa_costs_the_same_as_w_msa():
+    # Cyclic shift and the region mask are free: SW-MSA = W-MSA = 4hwC^2 + 2M^2hwC.
+    assert close(macs(build_mixer("shifted_window", C, heads=4, window=7)), 4 * HW * C**2 + 2 * 49 * HW * C)
+
+
+@pytest.mark.parametrize("mixer", ["window", "shifted_window"])
+def test_window_msa_on_a_padded_map_attends_over_the_padded_windows(mixer):
+    # M=4 does not divide 14: the map is padded to 16x16 for attention (padded keys masked, still
+    # computed), projections run on the real 14x14 tokens: 4hwC^2 + 2M^2 * hp*wp * C, hp = wp = 16.
+    m, hp = 4, 16
+    assert close(macs(build_mixer(mixer, C, heads=4, window=m)), 4 * HW * C**2 + 2 * m * m * hp * hp * C)
+
+
+@pytest.mark.parametrize("mixer", ["window", "shifted_window"])
+def test_window_covering_the_map_is_global_attention(mixer):
+    # A window >= the map is one window (no shift): Omega(MSA) = 4hwC^2 + 2(hw)^2C.
+    assert close(macs(build_mixer(mixer, C, heads=4, window=14)), 4 * HW * C**2 + 2 * HW**2 * C)
+    assert close(macs(build_mixer(mixer, C, heads=4, window=20)), 4 * HW * C**2 + 2 * HW**2 * C)
+
+
+def test_block_adds_the_mlp_to_the_mixer():
+    # Block = mixer + MLP (1x1 C->rC, 1x1 rC->C): conv 3x3 gives 9hwC^2 + 2 r hwC^2 (norms are free).
+    assert macs(Block(C, "conv", {"kernel": 3}, mlp_ratio=2.0)) == 9 * HW * C * C + 2 * 2 * HW * C * C
+
+
+def test_gc_block_matches_gcnet_form():
+    # GCNet (blocks_reference 5.2): 2C*HW (mask conv + attention pooling) + 2CP, P = max(8, C/16).
+    p = max(8, C // 16)
+    assert macs(build_addon("gc", C)) == 2 * C * HW + 2 * C * p
+
+
+def test_coordinate_attention_matches_its_form():
+    # CA (blocks_reference 6.2): 2(H+W)*C*mip for F1, F_h, F_w (mip = max(8, C//32)), plus the two
+    # gating products x * a_h * a_w, each a tensor x tensor product of C*H*W MACs.
+    mip = max(8, C // 32)
+    assert macs(build_addon("ca", C)) == 2 * (H + W) * C * mip + 2 * C * HW
+
+
+@pytest.mark.parametrize("size", [14, 15])
+def test_spd_conv_is_four_times_a_strided_conv(size):
+    # SPD-Conv (blocks_reference 7.2): space-to-depth is free; 3x3 conv 4C1 -> C2 on (S/2)^2 positions
+    # = 9 * 4C1 * C2 * ceil(S/2)^2 (= k^2 C1 C2 S^2 for even S; odd S is padded to even).
+    c2, s2 = 2 * C, -(-size // 2)
+    assert macs(build_downsample("spd", C, c2), h=size, w=size) == 9 * 4 * C * c2 * s2 * s2
+
+
+@pytest.mark.parametrize("size", [14, 15])
+def test_strided_conv_downsample(size):
+    # 3x3 stride-2 conv: 9 * C1 * C2 * ceil(S/2)^2.
+    c2, s2 = 2 * C, -(-size // 2)
+    assert macs(build_downsample("conv", C, c2), h=size, w=size) == 9 * C * c2 * s2 * s2
+
+
+def test_patch_merging_is_one_linear_4c_to_out():
+    # Swin patch merging: LayerNorm is free; Linear 4C -> C2 on (S/2)^2 tokens.
+    c2 = 2 * C
+    assert macs(build_downsample("patch_merge", C, c2)) == 4 * C * c2 * (H // 2) * (W // 2)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_deformable_conv_counts_offsets_modulation_and_main_product(groups):
+    # DCNv2 with k=3 (taps = 9): offset/modulation conv 3x3, C -> 3*taps: 9 * C * 27 * HW;
+    # modulation product (tensor x tensor): C * taps * HW; main product C * (C/g) * taps * HW.
+    # Bilinear sampling (grid_sample) is interpolation, not counted.
+    taps = 9
+    expected = 9 * C * 3 * taps * HW + C * taps * HW + C * (C // groups) * taps * HW
+    assert macs(build_mixer("deform", C, kernel=3, groups=groups)) == expected
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+@pytest.mark.parametrize("span", [None, 5])
+def test_axial_attention_matches_the_axial_deeplab_form(heads, span):
+    # blocks_reference 3.4, per axis layer of length L with d_v = C/heads, d_q = d_v/2 per head:
+    #   qkv projection   HW * C * heads(2 d_q + d_v)          (= 2C^2 HW)
+    #   q.k, q.r_q, k.r_k  3 * HW * L * heads * d_q           (= 3 (C/2) L HW)
+    #   A v, A r_v         2 * HW * L * heads * d_v           (= 2 C L HW)
+    # height layer L = H, width layer L = W, then the output projection C^2 HW. A finite span masks
+    # the L x L logits, so the cost is the global layer's.
+    dv = C // heads
+    dq = dv // 2
+
+    def layer(length):
+        return HW * C * heads * (2 * dq + dv) + 3 * HW * length * heads * dq + 2 * HW * length * heads * dv
+
+    expected = layer(H) + layer(W) + C * C * HW  # = 5C^2 HW + 3.5 C HW (H + W)
+    assert close(macs(build_mixer("axial", C, heads=heads, span=span)), expected)
+
+
+def test_axial_attention_on_a_non_square_map_uses_each_axis_length():
+    h, w = 7, 10
+    hw = h * w
+
+    def layer(length):
+        return 2 * C * C * hw + 3 * hw * length * C // 2 + 2 * hw * length * C
+
+    assert close(macs(build_mixer("axial", C, heads=4), h=h, w=w), layer(h) + layer(w) + C * C * hw)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("heads", [2, 4])
+def test_slide_attention_matches_its_form(kernel, heads):
+    # blocks_reference 4.3 at inference: 4C^2 HW (qkv + proj) + 2 k^2 C HW (logits + aggregation)
+    # + 2 k^4 C HW (the deformed-shifting depthwise conv on k and v). hybridnas applies the learnable
+    # conv's bias through the same slots: + 2 k^2 C HW. Masked out-of-image keys still count the
+    # full k^2 per pixel.
+    k2 = kernel * kernel
+    expected = 4 * C * C * HW + 2 * k2 * C * HW + 2 * k2 * k2 * C * HW + 2 * k2 * C * HW
+    assert close(macs(build_mixer("slide", C, heads=heads, kernel=kernel)), expected)
+
+
+def test_slide_costs_the_same_after_reparameterization():
+    m = build_mixer("slide", C, heads=4, kernel=3)
+    before = macs(m)
+    reparameterize(m)
+    assert macs(m) == before
+
+
+@pytest.mark.parametrize("kernel_att", [5, 7])
+@pytest.mark.parametrize("heads", [2, 4])
+def test_acmix_matches_its_form(kernel_att, heads):
+    # blocks_reference 1.5 (MACs, stride 1), with k_a = kernel_att, k_c = 3:
+    #   Stage I, shared 1x1 q/k/v          3 C^2 HW
+    #   attention logits + aggregation     2 k_a^2 C HW   (masked border keys still cost full k_a^2)
+    #   position term                      2 C HW: hybridnas' pe is linear in the offset, so
+    #                                      q.(pe(p) - pe(p+d)) = -(q W_p).d needs one q x W_p (hd -> 2)
+    #                                      per pixel and head; the offsets d are integers (free)
+    #   conv path: fc 3N -> k_c^2          3 C k_c^2 HW
+    #              grouped k_c x k_c conv  C k_c^4 HW
+    # rate1 * att + rate2 * conv are one-element rescales (free).
+    ka2, kc = kernel_att**2, 3
+    expected = 3 * C * C * HW + 2 * ka2 * C * HW + 2 * C * HW + 3 * C * kc * kc * HW + C * kc**4 * HW
+    assert close(macs(build_mixer("acmix", C, heads=heads, kernel_att=kernel_att)), expected)
+
+
+@pytest.mark.parametrize("mixer,option", [("acmix", "kernel_att"), ("slide", "kernel")])
+def test_local_attention_kernel_larger_than_the_map_is_clamped(mixer, option):
+    # On a 4x4 map a 9x9 window can only reach offsets |d| <= 3: it costs what a 7x7 window costs.
+    big = macs(build_mixer(mixer, C, heads=4, **{option: 9}), h=4, w=4)
+    seven = macs(build_mixer(mixer, C, heads=4, **{option: 7}), h=4, w=4)
+    assert big == seven

@@ -1,0 +1,354 @@
+"""`hybridnas search` end to end: Ray Tune + Optuna + MLflow on tiny synthetic data (8x8, 1-2 epochs).
+
+One local Ray (2 CPUs) is shared by the whole module; the cluster test, last, replaces it with a
+simulated two-node cluster. Everything is read back through `MlflowClient`, the way a user (or
+`hybridnas export`) sees it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from runners import cli
+from runners.pareto import non_dominated
+from runners.search import SearchError, run_search
+from runners.tracking import child_runs
+from search_space.experiment import Experiment
+from search_space.spec import ArchSpec
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _experiment(tmp: Path, name: str, search: dict, **over) -> Experiment:
+    """A tiny experiment: 8x8 synthetic images, conv/window stages a few thousand MACs wide."""
+    d = {
+        "name": name,
+        "data": {"dataset": "synthetic", "size": 8, "channels": 1, "classes": 4, "samples": 256, "seed": 0},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.003},
+        "space": {
+            "stem": {"channels": 8},
+            "stages": [
+                {"mixer": ["conv", "window"], "depth": 1, "channels": 8, "addon": ["none", "gc"]},
+                {"mixer": ["conv", "window"], "depth": 1, "channels": [8, 16], "downsample": ["conv", "spd"]},
+            ],
+            "mixer_options": {"window": {"window": [2, 4], "heads": [2]}},
+        },
+        "objectives": [{"metric": "val_acc", "mode": "max"}, {"metric": "macs", "mode": "min"}],
+        "search": search,
+        "resources": {"cpu": 1},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": name},
+        "out_dir": str(tmp / "out" / name),
+        **over,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return Experiment.from_yaml(path)
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """One local Ray for the module, and a private latency-table cache."""
+    from runners.search import init_ray
+
+    os.environ["HYBRIDNAS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    import ray
+
+    if not ray.is_initialized():
+        init_ray()
+    yield ray
+    ray.shutdown()
+
+
+def _children(client: MlflowClient, exp_name: str, parent: str) -> list:
+    exp = client.get_experiment_by_name(exp_name)
+    return child_runs(client, exp.experiment_id, parent)
+
+
+def _status(run) -> str:
+    return run.data.tags["hybridnas.status"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grid_search(ray_local, tmp_path_factory):
+    """A grid search over every architecture of a small space, some of them over the MACs budget."""
+    from runners.measure import profile_spec
+
+    tmp = tmp_path_factory.mktemp("grid")
+    space = {
+        "stem": {"channels": 8},
+        "stages": [
+            {"mixer": "conv", "depth": 1, "channels": 8},
+            {"mixer": ["conv", "window"], "depth": 1, "channels": [8, 16], "downsample": "conv"},
+        ],
+        "mixer_options": {"window": {"window": [2, 4], "heads": [2]}},
+    }
+    search = {"sampler": "grid", "trials": 6, "concurrency": 2, "seed": 0}
+    probe = _experiment(tmp, "grid", search, space=space)
+    macs = [profile_spec(s)["macs"] for s in probe.space.enumerate(probe.input)]
+    budget = (min(macs) + max(macs)) / 2
+    exp = _experiment(tmp, "grid", search, space=space, constraints={"macs": {"max": float(budget)}})
+    res = run_search(exp, progress=False)
+    return exp, res, MlflowClient(res.tracking_uri), budget
+
+
+def test_grid_search_runs_every_architecture_once_and_skips_infeasible_ones(grid_search):
+    exp, res, client, budget = grid_search
+    n = exp.space.size(exp.input)
+    children = _children(client, exp.tracking.experiment, res.parent_run_id)
+    assert len(children) == n == sum(res.counts.values())
+    assert len({c.data.tags["hybridnas.arch_hash"] for c in children}) == n
+    infeasible = [c for c in children if _status(c) == "infeasible"]
+    ok = [c for c in children if _status(c) == "ok"]
+    assert infeasible and ok and len(infeasible) + len(ok) == n
+    for c in infeasible:  # never trained: no accuracy, no training time, the excess recorded
+        assert c.data.metrics["macs"] > budget
+        assert "val_acc" not in c.data.metrics and c.data.metrics["train_time_s"] == 0.0
+        assert "macs" in c.data.tags["hybridnas.violations"]
+        assert c.info.status == "FINISHED"
+    for c in ok:
+        assert c.data.metrics["macs"] <= budget
+
+
+def test_parent_and_child_runs_nest_with_params_metrics_and_artifacts(grid_search):
+    exp, res, client, _ = grid_search
+    parent = client.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "grid"
+    assert parent.data.tags["hybridnas.kind"] == "search"
+    assert yaml.safe_load(parent.data.tags["hybridnas.objectives"]) == [["val_acc", "max"], ["macs", "min"]]
+    assert parent.data.params["sampler"] == "grid" and parent.data.params["seed"] == "0"
+    arts = {a.path for a in client.list_artifacts(res.parent_run_id)}
+    assert {"experiment.yaml", "resolved_config.json", "pareto.csv", "exported"} <= arts
+    assert {"pareto_val_acc_vs_macs.png", "pareto_val_acc_vs_macs.html"} <= arts
+
+    epochs = exp.train.epochs
+    for c in _children(client, exp.tracking.experiment, res.parent_run_id):
+        assert c.data.tags["mlflow.parentRunId"] == res.parent_run_id
+        assert c.data.tags["hybridnas.kind"] == "trial"
+        local = client.download_artifacts(c.info.run_id, "arch.yaml")
+        spec = ArchSpec.from_yaml(Path(local))
+        assert spec.arch_hash() == c.data.tags["hybridnas.arch_hash"]
+        assert c.data.params == {k: str(v) for k, v in spec.flat_params().items()}
+        for k in ("macs", "flops", "params", "latency_ms"):
+            assert c.data.metrics[k] > 0
+        assert c.data.metrics["flops"] == 2 * c.data.metrics["macs"]
+        if _status(c) == "ok":
+            for k in ("val_acc", "train_loss"):
+                history = client.get_metric_history(c.info.run_id, k)
+                assert [m.step for m in history] == list(range(1, epochs + 1))
+            assert 0.0 <= c.data.metrics["val_acc"] <= 1.0
+            assert c.data.metrics["train_time_s"] > 0 and c.data.metrics["imgs_per_s"] > 0
+
+
+def test_pareto_tags_and_measured_latency_mark_exactly_the_front(grid_search):
+    exp, res, client, _ = grid_search
+    ok = [c for c in _children(client, exp.tracking.experiment, res.parent_run_id) if _status(c) == "ok"]
+    points = [[c.data.metrics["val_acc"], c.data.metrics["macs"]] for c in ok]
+    front = non_dominated(points, ["max", "min"])
+    for c, on_front in zip(ok, front):
+        assert c.data.tags["pareto"] == ("true" if on_front else "false")
+        assert ("latency_ms_measured" in c.data.metrics) == bool(on_front)
+    assert len(res.exported) == int(front.sum()) == len(res.front)
+    for path in res.exported:  # the exported YAML rebuilds the logged model
+        from runners.measure import profile_spec
+
+        spec = ArchSpec.from_yaml(path)
+        assert profile_spec(spec)["macs"] == spec.metrics["macs"]
+        assert profile_spec(spec)["params"] == spec.metrics["params"]
+    # Logged after each finished trial from the first feasible one on, against a fixed reference.
+    hv = sorted(client.get_metric_history(res.parent_run_id, "hypervolume"), key=lambda m: m.step)
+    steps, values = [m.step for m in hv], [m.value for m in hv]
+    assert steps == list(range(steps[0], sum(res.counts.values()) + 1))
+    assert values == sorted(values) and values[-1] > 0
+
+
+def test_existing_output_directory_needs_resume(grid_search):
+    exp, res, _, _ = grid_search
+    with pytest.raises(SearchError, match="--resume"):
+        run_search(exp, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trials_that_raise_or_diverge_are_failed_and_the_search_goes_on(ray_local, tmp_path, monkeypatch):
+    # Trial 3's worker process dies: Ray retries it (max_failures 1), it dies again, the trial errors.
+    monkeypatch.setenv("HYBRIDNAS_FAULTS", "1:raise,2:diverge,3:crash")
+    # Single-objective TPE: Optuna is told FAIL for the three, a value for the rest.
+    exp = _experiment(
+        tmp_path,
+        "faults",
+        {"sampler": "tpe", "trials": 5, "concurrency": 2, "seed": 1, "max_failures": 1},
+        objectives=[{"metric": "val_acc", "mode": "max"}],
+    )
+    res = run_search(exp, progress=False)
+    assert res.counts == {"ok": 2, "failed": 3, "infeasible": 0} and not res.interrupted
+    client = MlflowClient(res.tracking_uri)
+    by_trial = {c.data.tags["hybridnas.trial"]: c for c in _children(client, "faults", res.parent_run_id)}
+    raised, diverged = by_trial["1"], by_trial["2"]
+    for run in (raised, diverged):
+        assert run.info.status == "FAILED" and _status(run) == "failed"
+        assert "val_acc" not in run.data.metrics  # no made-up accuracy
+    assert "RuntimeError: fault injected" in raised.data.tags["hybridnas.error"]
+    assert "TrainingDiverged" in diverged.data.tags["hybridnas.error"]
+    assert "error.txt" in {a.path for a in client.list_artifacts(raised.info.run_id)}
+    crashed = by_trial["3"]
+    assert crashed.info.status == "FAILED" and "died" in crashed.data.tags["hybridnas.error"].lower()
+    assert all(_status(by_trial[t]) == "ok" for t in by_trial if t not in ("1", "2", "3"))
+
+
+def test_unreachable_tracking_server_fails_fast_with_exit_2(tmp_path, capsys):
+    exp = _experiment(tmp_path, "dead", {"sampler": "random", "trials": 2})
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = cli.main(["search", exp.path, "--tracking-uri", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "cannot reach the MLflow tracking server" in err and len(err.strip().splitlines()) == 1
+    assert not (Path(exp.out_dir) / "state.json").exists()  # nothing started
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"mlflow server did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_search_logs_to_a_real_mlflow_server(ray_local, tmp_path, mlflow_server):
+    exp = _experiment(tmp_path, "served", {"sampler": "random", "trials": 3, "concurrency": 2, "seed": 2})
+    res = run_search(exp, tracking_uri=mlflow_server, progress=False)
+    assert res.tracking_uri == mlflow_server and res.ui_command.startswith("open http://127.0.0.1")
+    client = MlflowClient(mlflow_server)
+    children = _children(client, "served", res.parent_run_id)
+    assert len(children) == 3 and all(_status(c) == "ok" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {res.parent_run_id}
+    assert all("arch.yaml" in {a.path for a in client.list_artifacts(c.info.run_id)} for c in children)
+    assert any(c.data.tags.get("pareto") == "true" for c in children)
+    assert "pareto.csv" in {a.path for a in client.list_artifacts(res.parent_run_id)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_after_a_killed_driver_keeps_finished_trials_and_the_count(ray_local, tmp_path):
+    exp = _experiment(
+        tmp_path,
+        "resumed",
+        {"sampler": "nsga2", "trials": 6, "concurrency": 2, "seed": 3},
+        train={"epochs": 3, "batch_size": 16, "lr": 0.003},
+    )
+    # The first driver joins this module's Ray (so only the driver dies) and is killed with SIGKILL
+    # once two trials are in MLflow: no chance to save anything.
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from runners.cli import main; sys.exit(main(sys.argv[1:]))",
+         "search", exp.path, "--address", address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    deadline = time.monotonic() + 120
+    before: dict[str, str] = {}
+    while len(before) < 2:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the first driver did not finish 2 trials in time"
+        time.sleep(0.2)
+        exp_ = client.get_experiment_by_name("resumed")
+        if exp_ is None:
+            continue
+        parents = client.search_runs([exp_.experiment_id], "tags.`hybridnas.kind` = 'search'")
+        if parents:
+            runs = child_runs(client, exp_.experiment_id, parents[0].info.run_id)
+            before = {r.info.run_id: r.data.tags["hybridnas.arch_hash"] for r in runs if _status(r) == "ok"}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(before) < 6
+
+    res = run_search(exp, resume=True, progress=False)
+    assert not res.interrupted
+    children = _children(client, "resumed", res.parent_run_id)
+    finished = [c for c in children if _status(c) in ("ok", "failed", "infeasible")]
+    assert len(finished) == len(children) == 6  # the number asked for, no half-finished leftovers
+    hashes = [c.data.tags["hybridnas.arch_hash"] for c in finished]
+    assert len(set(hashes)) == 6  # no architecture trained twice
+    assert set(before) <= {c.info.run_id for c in finished}  # finished trials kept their runs
+    assert client.get_run(res.parent_run_id).info.status == "FINISHED"
+    state = yaml.safe_load((Path(exp.out_dir) / "state.json").read_text())
+    assert state["parent_run_id"] == res.parent_run_id and state["finished"] is True
+
+
+def test_resume_without_state_is_refused(tmp_path):
+    exp = _experiment(tmp_path, "nothing", {"sampler": "random", "trials": 2})
+    with pytest.raises(SearchError, match="nothing to resume"):
+        run_search(exp, resume=True, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trials_run_on_both_nodes_of_a_two_node_cluster(ray_local, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    ray_local.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        # Two trials at once, one CPU per node: one trial runs on each node.
+        exp = _experiment(
+            tmp_path, "cluster", {"sampler": "random", "trials": 2, "concurrency": 2, "seed": 4}
+        )
+        res = run_search(exp, address=cluster.address, progress=False)
+        nodes = {t["node_id"] for t in res.trials}
+        assert len(nodes) == 2 and nodes == {n["NodeID"] for n in ray_local.nodes() if n["Alive"]}
+        client = MlflowClient(res.tracking_uri)
+        tagged = {c.data.tags["hybridnas.node_id"] for c in _children(client, "cluster", res.parent_run_id)}
+        assert tagged == nodes and res.counts["ok"] == 2
+    finally:
+        ray_local.shutdown()
+        cluster.shutdown()

@@ -1,0 +1,320 @@
+"""runners.train: accuracy, exact reproducibility, divergence, augmentation, schedule, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from runners.cli import main as cli
+from runners.data import load_dataset
+from runners.train import (
+    DeviceData,
+    TrainingDiverged,
+    check_compatible,
+    fit,
+    lr_factor,
+    param_groups,
+    resolve_device,
+    train_model,
+)
+from search_space.build import build_model
+from search_space.config import DataConfig, TrainConfig
+from search_space.errors import SpecError, UserError
+from search_space.spec import ArchSpec
+
+TINY = """
+input: {channels: 1, size: 8, classes: 10}
+stem: {channels: 8}
+stages:
+  - {mixer: conv, depth: 1, channels: 8}
+"""
+# The accuracy test's network: about 5.8M MACs; 7x7 convs, so that after two downsamplings a block sees the whole digit.
+SMALL_MNIST = """
+input: {channels: 1, size: 28, classes: 10}
+stem: {channels: 8}
+stages:
+  - {mixer: conv, depth: 1, channels: 16, downsample: conv, options: {kernel: 7}}
+  - {mixer: conv, depth: 1, channels: 32, downsample: conv, options: {kernel: 7}}
+"""
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DataConfig(dataset="digits"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ArchSpec.from_yaml(TINY)
+
+
+def test_small_conv_net_clears_95_percent_on_mnist5k_in_3_epochs():
+    data = load_dataset(DataConfig(dataset="mnist5k"))
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=8e-3, warmup_epochs=0.2, seed=0)
+    res = train_model(ArchSpec.from_yaml(SMALL_MNIST), data, cfg, device="cpu", threads=1)
+    assert res.val_acc > 0.95, res.history
+    # Learning, not luck: the loss falls every epoch.
+    losses = [h["train_loss"] for h in res.history]
+    assert losses == sorted(losses, reverse=True)
+
+
+def test_same_seed_gives_identical_results_to_the_last_digit(digits, tiny):
+    cfg = TrainConfig(epochs=2, batch_size=64, seed=5)
+    a = train_model(tiny, digits, cfg, device="cpu")
+    b = train_model(tiny, digits, cfg, device="cpu")
+    strip = [{k: v for k, v in h.items() if k not in ("imgs_per_s", "epoch_time_s")} for h in a.history]
+    assert strip == [
+        {k: v for k, v in h.items() if k not in ("imgs_per_s", "epoch_time_s")} for h in b.history
+    ]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = train_model(tiny, digits, cfg.replace(seed=6), device="cpu")
+    assert c.train_loss != a.train_loss  # the seed really drives init, order and augmentation
+
+
+def test_callback_gets_one_dict_per_epoch_and_history_matches(digits, tiny):
+    seen = []
+    res = train_model(tiny, digits, TrainConfig(epochs=3, batch_size=256), callback=seen.append, device="cpu")
+    assert [m["epoch"] for m in seen] == [1, 2, 3]
+    assert seen == res.history and res.epochs == 3
+    for m in seen:
+        assert set(m) == {"epoch", "train_loss", "val_acc", "imgs_per_s", "epoch_time_s"}
+        assert 0.0 <= m["val_acc"] <= 1.0 and m["imgs_per_s"] > 0 and m["epoch_time_s"] > 0
+    assert res.val_acc == seen[-1]["val_acc"] and not res.model.training
+
+
+def test_max_train_batches_caps_the_steps_per_epoch(digits, tiny):
+    calls = []
+    train_model(
+        tiny,
+        digits,
+        TrainConfig(epochs=2, batch_size=32, max_train_batches=3),
+        device="cpu",
+        progress=lambda i, n: calls.append((i, n)),
+    )
+    assert calls == [(1, 3), (2, 3), (3, 3)] * 2
+
+
+def test_trial_threads_apply_during_training_and_are_restored(digits, tiny):
+    before = torch.get_num_threads()
+    seen = []
+    train_model(
+        tiny,
+        digits,
+        TrainConfig(epochs=1, max_train_batches=1),
+        callback=lambda m: seen.append(torch.get_num_threads()),
+        device="cpu",
+        threads=2,
+    )
+    assert seen == [2] and torch.get_num_threads() == before
+
+
+def test_huge_learning_rate_raises_training_diverged_with_the_epoch(digits, tiny):
+    with pytest.raises(TrainingDiverged) as e:
+        train_model(tiny, digits, TrainConfig(epochs=2, lr=1e6), device="cpu")
+    assert e.value.epoch == 1 and not math.isfinite(e.value.loss)
+
+
+class _NaNAfter(nn.Module):
+    """A linear model whose output turns NaN after ``steps`` training forwards."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.steps, self.calls = steps, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        out = self.fc(x.flatten(1))
+        return out * float("nan") if self.training and self.calls > self.steps else out
+
+
+def test_nan_in_a_later_epoch_reports_that_epoch_and_never_updates_with_it(digits):
+    steps = len(digits.train_y) // 128  # one epoch
+    model = _NaNAfter(steps)
+    with pytest.raises(TrainingDiverged, match="epoch 2") as e:
+        fit(model, digits, TrainConfig(epochs=3, batch_size=128), device="cpu")
+    assert e.value.epoch == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_arch_that_does_not_fit_the_data_names_the_key_and_the_fix(digits):
+    spec = ArchSpec.from_yaml(TINY.replace("size: 8", "size: 28"))
+    with pytest.raises(
+        SpecError, match=r"input.size: arch input size 28 but dataset digits is 8x8: set input.size: 8"
+    ):
+        train_model(spec, digits, TrainConfig(epochs=1))
+    with pytest.raises(SpecError, match=r"input.channels: .*3 channel.* digits has 1: set input.channels: 1"):
+        check_compatible(ArchSpec.from_yaml(TINY.replace("channels: 1", "channels: 3")), digits)
+    with pytest.raises(SpecError, match=r"input.classes: .*set input.classes: 10"):
+        check_compatible(ArchSpec.from_yaml(TINY.replace("classes: 10", "classes: 7")), digits)
+
+
+def test_crop_and_flip_are_exact_crops_of_the_padded_images():
+    data = load_dataset(
+        DataConfig(dataset="synthetic", size=16, channels=2, classes=2, samples=50, val_fraction=0.2)
+    )
+    data = dataclasses.replace(data, flips=True)
+    dd = DeviceData(data, torch.device("cpu"), augment=True, padding=2, channels_last=False)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.arange(len(data.train_y))
+    x, y = dd.train_batch(idx, gen)
+    assert x.shape == (40, 2, 16, 16) and x.is_contiguous() and torch.equal(y, data.train_y[idx])
+    padded = dd.normalise(torch.nn.functional.pad(data.train_x, (2,) * 4))
+
+    def crops(b):
+        return [padded[b, :, i : i + 16, j : j + 16] for i in range(5) for j in range(5)]
+
+    flipped = 0
+    for b in range(40):
+        plain = any(torch.equal(x[b], c) for c in crops(b))
+        mirrored = any(torch.equal(x[b], c.flip(-1)) for c in crops(b))
+        assert plain or mirrored
+        flipped += mirrored and not plain
+    assert 5 < flipped < 35  # about half the batch is mirrored
+    # A dataset whose labels do not survive mirroring is never flipped.
+    dd = DeviceData(dataclasses.replace(data, flips=False), torch.device("cpu"), True, 2, False)
+    x, _ = dd.train_batch(idx, gen)
+    assert all(any(torch.equal(x[b], c) for c in crops(b)) for b in range(40))
+    # No augmentation: the normalised images themselves.
+    dd = DeviceData(data, torch.device("cpu"), augment=False, padding=2, channels_last=False)
+    x, _ = dd.train_batch(idx, gen)
+    assert torch.allclose(x, dd.normalise(data.train_x))
+    assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05  # standardised per channel
+
+
+def test_crop_padding_is_capped_at_an_eighth_of_the_side(digits):
+    assert DeviceData(digits, torch.device("cpu"), True, 2, False).pad == 1  # 8x8 digits
+    assert DeviceData(digits, torch.device("cpu"), False, 2, False).pad == 0
+
+
+def test_warmup_then_cosine_schedule():
+    total, warmup = 100, 10
+    f = [lr_factor(s, total, warmup) for s in range(total)]
+    assert f[:warmup] == sorted(f[:warmup]) and f[0] > 0 and f[warmup - 1] == 1.0
+    assert f[warmup:] == sorted(f[warmup:], reverse=True) and f[warmup] == 1.0
+    assert 0 <= f[-1] < 0.01
+    assert lr_factor(0, 5, 0) == 1.0
+
+
+class _WithTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
+        self.conv = nn.Conv2d(2, 2, 3)
+        self.norm = nn.LayerNorm(2)
+
+
+def test_weight_decay_skips_norms_biases_and_position_tables():
+    model = nn.Sequential(build_model(ArchSpec.from_yaml(TINY)), _WithTable())
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 and "relative_position" not in names[id(p)] for p in decay["params"])
+    no = {names[id(p)] for p in no_decay["params"]}
+    assert "1.relative_position_bias_table" in no and "1.conv.bias" in no and "1.norm.weight" in no
+    assert "1.conv.weight" not in no and len(decay["params"]) + len(no) == len(names)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(UserError):
+        resolve_device("tpu")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture
+def arch_file(tmp_path):
+    p = tmp_path / "arch.yaml"
+    p.write_text(TINY)
+    return p
+
+
+def test_cli_train_writes_a_loadable_state_dict_and_the_arch(arch_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli(
+        ["train", str(arch_file), "--data", "digits", "--epochs", "2", "--device", "cpu", "--out", str(out)]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "epoch 1/2" in text and "epoch 2/2" in text and "val_acc" in text and "MACs" in text
+    spec = ArchSpec.from_yaml(out / "arch.yaml")
+    assert spec == ArchSpec.from_yaml(TINY)
+    model = build_model(spec)
+    model.load_state_dict(torch.load(out / "model.pt"))  # strict: every key, every shape
+    assert sorted(p.name for p in out.iterdir()) == ["arch.yaml", "model.pt"]
+
+
+def test_cli_train_json_prints_one_object(arch_file, tmp_path, capsys):
+    rc = cli(
+        ["train", str(arch_file), "--data", "digits", "--epochs", "1", "--json", "--out", str(tmp_path / "o")]
+    )
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["dataset"] == "digits" and 0 <= res["val_acc"] <= 1 and res["macs"] > 0 and res["params"] > 0
+    assert res["flops"] == 2 * res["macs"] and len(res["history"]) == 1
+
+
+def test_cli_synthetic_data_follows_the_arch_and_provenance_picks_the_data(tmp_path, capsys):
+    arch = tmp_path / "rgb.yaml"
+    arch.write_text(TINY.replace("channels: 1, size: 8, classes: 10", "channels: 3, size: 12, classes: 4"))
+    assert (
+        cli(
+            [
+                "train",
+                str(arch),
+                "--data",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--json",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["dataset"] == "synthetic"
+    arch = tmp_path / "prov.yaml"
+    arch.write_text(TINY + "provenance: {experiment: x, data: {dataset: digits, val_fraction: 0.3}}\n")
+    assert cli(["train", str(arch), "--epochs", "1", "--json", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads(capsys.readouterr().out)["dataset"] == "digits"
+
+
+RGB32 = TINY.replace("channels: 1, size: 8", "channels: 3, size: 32")
+
+
+@pytest.mark.parametrize(
+    "arch, argv, message",
+    [
+        (TINY, ["--data", "mnist5k"], "set input.size: 28"),  # the 8x8 arch does not fit 28x28 MNIST
+        (TINY, ["--data", "cifar10"], "set input.channels: 3"),  # caught before looking for files
+        (TINY, ["--data", "nope"], "'nope' is not one of"),
+        (RGB32, ["--data", "cifar10", "--root", "/nonexistent/cifar"], "/nonexistent/cifar"),
+        (TINY, ["--data", "imagefolder"], "needs root"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, arch, argv, message):
+    path = tmp_path / "arch.yaml"
+    path.write_text(arch)
+    out = tmp_path / "out"
+    rc = cli(["train", str(path), "--epochs", "1", "--out", str(out), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.startswith("hybridnas: error:") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_missing_arch_file_exits_2(tmp_path, capsys):
+    assert cli(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
