@@ -169,10 +169,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     if cfg.dataset == "synthetic":
         classes = cfg.classes or 10
     train_x = torch.from_numpy(np.ascontiguousarray(x[train_idx]))
-    scaled = train_x.float().div_(255.0)
-    mean = tuple(float(m) for m in scaled.mean(dim=(0, 2, 3)))
-    # A constant channel would divide by zero; 1.0 leaves it centred and unscaled.
-    std = tuple(float(s) if s > 1e-6 else 1.0 for s in scaled.std(dim=(0, 2, 3)))
+    mean, std = _channel_stats(train_x)
     return Dataset(
         name=cfg.dataset,
         train_x=train_x,
@@ -189,6 +186,22 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         test_y=None if test_y is None else torch.from_numpy(test_y.astype(np.int64)),
         class_names=names,
     )
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images on the 0-1 scale, in float64 chunks (a float copy
+    of all of CIFAR-10 would be 0.5 GB)."""
+    s = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    for chunk in x.split(4096):
+        c = chunk.double().div_(255.0)
+        s += c.sum(dim=(0, 2, 3))
+        s2 += c.square_().sum(dim=(0, 2, 3))
+    n = x.numel() // x.shape[1]
+    mean = s / n
+    var = (s2 / n - mean.square()).clamp_(min=0.0)
+    # A constant channel would divide by zero; 1.0 leaves it centred and unscaled.
+    return tuple(mean.tolist()), tuple(v**0.5 if v > 1e-12 else 1.0 for v in var.tolist())
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -347,7 +360,7 @@ def _cifar(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
             raise DataError(
                 f"{name}: no batch files in {root}. Put {', '.join(train_files)} and {test_file} "
                 f"(unpacked from {archive.url}) in {root / archive.dirname} (or in {root} itself), "
-                f"or set data.download: true to fetch and verify the archive"
+                "or set download: true under data: in the experiment file to fetch and md5-check the archive"
             )
         download_and_extract(archive.url, archive.md5, root)
         folder = _find_cifar_folder(root, archive.dirname, train_files + [test_file])

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import datetime
 import json
 import math
 import os
@@ -41,11 +43,13 @@ from torch import nn
 from search_space.config import DataConfig, TrainConfig
 from search_space.errors import SpecError, UserError
 
+from . import __version__
 from .data import Dataset, DataShape, expected_shape, load_dataset
 
 if TYPE_CHECKING:
     from search_space.spec import ArchSpec
 
+MACHINE_KEYS = ("device", "threads")  # TrainConfig keys that describe a machine, not a recipe
 EVAL_BATCH = 1024  # inference needs no activations for backward: large batches amortise overhead
 # Parameter names that hold position tables (relative position biases, embeddings): no weight decay,
 # as in Swin/ViT, even though they are 2-D.
@@ -452,10 +456,14 @@ def _progress_printer(stream: Any, epochs: int) -> tuple[Callable[[int, int], No
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file and rename: a crash never leaves half a file at ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -471,7 +479,10 @@ def main(args: argparse.Namespace) -> int:
     spec = ArchSpec.from_yaml(Path(args.arch))
     data_cfg = data_config_for(spec, args.data, args.root)
     prov = spec.provenance if isinstance(spec.provenance, Mapping) else {}
-    cfg = TrainConfig.from_dict(_known(prov.get("train"), TrainConfig), path="provenance.train").replace(
+    # The recipe recorded with the arch (by a search or an earlier `hybridnas train`), minus what
+    # belongs to the machine it ran on; flags override it.
+    recipe = {k: v for k, v in _known(prov.get("train"), TrainConfig).items() if k not in MACHINE_KEYS}
+    cfg = TrainConfig.from_dict(recipe, path="provenance.train").replace(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device
     )
     shape = expected_shape(data_cfg)
@@ -499,7 +510,26 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     _atomic_write(out / "model.pt", lambda p: torch.save(state, p))
-    _atomic_write(out / "arch.yaml", lambda p: Path(p).write_text(spec.to_yaml()))
+    metrics = {
+        "val_acc": res.val_acc,
+        "train_loss": res.train_loss,
+        "macs": prof["macs"],
+        "flops": prof["flops"],
+        "params": prof["params"],
+        "train_time_s": round(res.train_time_s, 2),
+        "imgs_per_s": round(res.imgs_per_s, 1),
+    }
+    # Data and recipe go into provenance, so `hybridnas train out/arch.yaml` trains the same way again.
+    provenance = {
+        **prov,
+        "trained_by": "hybridnas train",
+        "data": {k: v for k, v in dataclasses.asdict(data_cfg).items() if v is not None},
+        "train": {k: v for k, v in cfg.to_dict().items() if k not in MACHINE_KEYS},
+        "hybridnas_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    written = dataclasses.replace(spec, metrics=metrics, provenance=provenance)
+    _atomic_write(out / "arch.yaml", lambda p: Path(p).write_text(written.to_yaml()))
     summary = {
         "arch_hash": spec.arch_hash(),
         "dataset": data.name,

@@ -7,6 +7,7 @@ simulated two-node cluster. Everything is read back through `MlflowClient`, the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -232,31 +233,45 @@ def _free_port() -> int:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
+    """`mlflow server` on a free loopback port, SQLite store and artifacts in tmp_path.
+
+    Its own process group (the server forks uvicorn), killed as a whole at the end; no job runner
+    (MLflow 3's background jobs are not needed and would add processes and SQLite writers).
+    """
     port = _free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
+    log = open(tmp_path / "server.log", "wb")  # a file, not a pipe: the forked children inherit it
     proc = subprocess.Popen(
         [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        deadline = time.monotonic() + 300  # minutes on a loaded 2-core machine
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(
+                        f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}"
+                    )
+                time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the group this fixture started: server and uvicorn
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
 
 
 def test_search_logs_to_a_real_mlflow_server(ray_local, tmp_path, mlflow_server):
@@ -285,14 +300,15 @@ def test_resume_after_a_killed_driver_keeps_finished_trials_and_the_count(ray_lo
     # The first driver joins this module's Ray (so only the driver dies) and is killed with SIGKILL
     # once two trials are in MLflow: no chance to save anything.
     address = ray_local.get_runtime_context().gcs_address
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client.search_experiments()  # create the store now: two processes migrating a new SQLite file race
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from runners.cli import main; sys.exit(main(sys.argv[1:]))",
          "search", exp.path, "--address", address],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
     )  # fmt: skip
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     before: dict[str, str] = {}
     while len(before) < 2:
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from blocks import MIXERS
 from runners.cli import main as cli
 from runners.data import load_dataset
 from runners.train import (
@@ -75,6 +76,30 @@ def test_same_seed_gives_identical_results_to_the_last_digit(digits, tiny):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     c = train_model(tiny, digits, cfg.replace(seed=6), device="cpu")
     assert c.train_loss != a.train_loss  # the seed really drives init, order and augmentation
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_every_mixer_trains_in_the_channels_last_loop(mixer):
+    known = MIXERS[mixer].options
+    opts = (
+        "{"
+        + ", ".join(
+            o
+            for k, o in (("heads", "heads: 2"), ("window", "window: 2"), ("kernel_att", "kernel_att: 3"))
+            if k in known
+        )
+        + "}"
+    )
+    spec = ArchSpec.from_yaml(f"""
+input: {{channels: 3, size: 8, classes: 3}}
+stem: {{channels: 8}}
+stages:
+  - {{mixer: {mixer}, depth: 1, channels: 8, addon: gc, options: {opts}}}
+  - {{mixer: {mixer}, depth: 2, channels: 16, addon: ca, downsample: spd, options: {opts}}}
+""")
+    data = load_dataset(DataConfig(dataset="synthetic", size=8, channels=3, classes=3, samples=60))
+    res = train_model(spec, data, TrainConfig(epochs=1, batch_size=16, max_train_batches=2), device="cpu")
+    assert math.isfinite(res.train_loss) and 0 <= res.val_acc <= 1
 
 
 def test_callback_gets_one_dict_per_epoch_and_history_matches(digits, tiny):
@@ -251,6 +276,10 @@ def test_cli_train_writes_a_loadable_state_dict_and_the_arch(arch_file, tmp_path
     assert "epoch 1/2" in text and "epoch 2/2" in text and "val_acc" in text and "MACs" in text
     spec = ArchSpec.from_yaml(out / "arch.yaml")
     assert spec == ArchSpec.from_yaml(TINY)
+    # The written arch carries its result and how it was made: retraining it needs no flags.
+    assert 0 <= spec.metrics["val_acc"] <= 1 and spec.metrics["macs"] > 0
+    assert spec.provenance["data"]["dataset"] == "digits" and spec.provenance["train"]["epochs"] == 2
+    assert "device" not in spec.provenance["train"]
     model = build_model(spec)
     model.load_state_dict(torch.load(out / "model.pt"))  # strict: every key, every shape
     assert sorted(p.name for p in out.iterdir()) == ["arch.yaml", "model.pt"]
