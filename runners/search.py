@@ -2,10 +2,11 @@
 
 The pieces, in the order a search runs them:
 
-1. The tracking store is checked (a dead server fails here, not after an hour), the MLflow parent
-   run is created (or, with ``--resume``, found again through ``<out>/state.json``).
-2. Ray starts locally (or joins ``--address``), and the latency lookup table is calibrated for the
-   whole space while nothing else runs (`calibrate_latency`); its entries are cached on disk.
+1. The tracking store is probed (a dead server fails here, not after an hour) and the MLflow
+   parent run is created (or, with ``--resume``, found again through ``<out>/state.json``).
+2. The latency lookup table is calibrated for the whole space while nothing else runs, before a
+   local Ray is even started (`calibrate_latency`); its entries are cached on disk. Then Ray
+   starts locally (``--address``: joins the cluster, before calibrating, to fail fast).
 3. Ray Tune's `Tuner` runs `hybridnas_trial` once per architecture. The searcher is Optuna through
    Ray's `OptunaSearch` with a define-by-run function (`ArchSuggester`) that calls
    ``space.suggest(trial)``, then computes MACs/params and the predicted latency *in the driver*
@@ -26,8 +27,9 @@ a worker or node that died.
 
 Resume (``--resume``): `Tuner.restore` keeps finished trials and the searcher's (Optuna's) state;
 the parent run id comes from ``state.json``. Ray snapshots its state every couple of seconds, so
-a driver killed right after a trial finished may come back with that trial marked as running: its
-result is then replayed from MLflow (`_Replays`) instead of being trained again.
+a driver killed right after a trial finished may come back with that trial marked as running, or
+not knowing it at all: its result is then replayed from MLflow (`_Replays`; lost trials are asked
+of Optuna again by their parameters) instead of being trained again, and the count stays right.
 """
 
 from __future__ import annotations

@@ -160,7 +160,24 @@ def experiment_id(client: Any, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return client.create_experiment(name)
+    return client.create_experiment(
+        name, artifact_location=_artifact_root(getattr(client, "tracking_uri", ""))
+    )
+
+
+def _artifact_root(uri: str) -> str | None:
+    """For a SQLite store: ``mlruns/`` next to the database file.
+
+    MLflow's default is ``./mlruns`` under the *current* directory, so one database used from two
+    directories would scatter its artifacts; next to the file, the store is one self-contained
+    folder. Servers and file stores keep their own default (None).
+    """
+    if urlsplit(uri).scheme != "sqlite" or ":///" not in uri:
+        return None
+    path = uri.split(":///", 1)[1]
+    if not path or path == ":memory:":
+        return None
+    return (Path(path).resolve().parent / "mlruns").as_uri()
 
 
 def search_all(client: Any, experiment_ids: Sequence[str], filter_string: str) -> list:

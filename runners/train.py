@@ -287,6 +287,31 @@ def fit(
     ``precision``: ``auto`` = bf16 autocast on CUDA, fp32 on CPU; ``bf16`` = bf16 autocast on either
     (fast on CPUs with AMX, see `hybridnas bench train`); ``fp32`` = no autocast.
     """
+    steps = fit_steps(model, data, cfg, callback, device, progress=progress, precision=precision)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def fit_steps(
+    model: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    callback: Callable[[dict], Any] | None = None,
+    device: str | torch.device | None = None,
+    *,
+    progress: Callable[[int, int], Any] | None = None,
+    precision: str = "auto",
+) -> Iterator[str]:
+    """`fit` as a generator: yields ``"setup"`` once, ``"step"`` after each training step and
+    ``"eval"`` after each epoch's evaluation; returns the `TrainResult`.
+
+    The phases let `hybridnas bench train` run this loop and the textbook one in lockstep, so that
+    load from elsewhere on the machine falls on both alike, and time training steps apart from
+    setup and evaluation.
+    """
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     dev = resolve_device(device if device is not None else cfg.device)
@@ -303,6 +328,8 @@ def fit(
     opt = make_optimizer(model, cfg, dev)
     # bf16 keeps fp32's range, so unlike fp16 it needs no loss scaling; weights stay fp32.
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    yield "setup"
 
     n, bs = len(dd.train_y), cfg.batch_size
     # Drop the last partial batch: a batch of 1 breaks BatchNorm and every epoch reshuffles anyway.
@@ -343,6 +370,7 @@ def fit(
             step += 1
             if progress is not None:
                 progress(i + 1, steps)
+            yield "step"
         _sync(dev)
         epoch_train_s = time.perf_counter() - t0
         train_loss = float(loss_sum) / steps
@@ -362,6 +390,7 @@ def fit(
         history.append(metrics)
         if callback is not None:
             callback(dict(metrics))
+        yield "eval"
     model.eval()
     return TrainResult(
         val_acc=history[-1]["val_acc"],

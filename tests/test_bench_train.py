@@ -31,12 +31,25 @@ def test_textbook_loop_and_trainer_both_learn_from_the_same_initial_weights():
     torch.manual_seed(0)
     model = build_model(ArchSpec.from_yaml(TINY))
     before = copy.deepcopy(model.state_dict())
-    tb = bench.textbook_fit(copy.deepcopy(model), data, cfg, torch.device("cpu"))
-    tr = bench.trainer_fit(copy.deepcopy(model), data, cfg, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    loops = {
+        "textbook": bench.textbook_steps(copy.deepcopy(model), data, cfg, cpu),
+        "trainer": bench._trainer_steps(copy.deepcopy(model), data, cfg, cpu),
+    }
+    res = bench.race(loops, cfg.batch_size, lockstep=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # copies trained, not model
-    for r in (tb, tr):
+    for r in res.values():
         assert r["val_acc"] > 0.3  # 10 classes: chance is 0.1 (both reach about 0.5 here)
-        assert r["imgs_per_s"] > 0 and r["imgs_per_cpu_s"] > 0 and r["train_s"] > 0
+        assert r["imgs_per_s"] > 0 and r["imgs_per_cpu_s"] > 0
+
+
+def test_textbook_loop_has_the_trainers_phases():
+    data = load_dataset(DataConfig(dataset="digits"))
+    model = build_model(ArchSpec.from_yaml(TINY))
+    cfg = TrainConfig(epochs=2, batch_size=512)
+    phases = list(bench.textbook_steps(model, data, cfg, torch.device("cpu")))
+    steps = len(data.train_y) // 512
+    assert phases == ["setup"] + (["step"] * steps + ["eval"]) * 2
 
 
 def test_matmul_rate_is_measured_in_the_training_dtype():
@@ -56,7 +69,9 @@ def test_quick_bench_prints_consistent_rates_ratio_and_flop_fraction(capsys):
         ]
         for name in ("textbook loop", "hybridnas trainer")
     }
-    speedup, speedup_cpu = (float(v) for v in re.search(r"speed-up\s+([\d.]+)x\s+([\d.]+)x", out).groups())
+    speedup, speedup_cpu = (
+        float(v) for v in re.search(r"speed-up, trainer vs textbook\s+([\d.]+)x\s+([\d.]+)x", out).groups()
+    )
     tb, tr = rates["textbook loop"], rates["hybridnas trainer"]
     assert abs(speedup - tr[0] / tb[0]) < 0.02 * speedup + 0.01
     assert abs(speedup_cpu - tr[1] / tb[1]) < 0.02 * speedup_cpu + 0.01

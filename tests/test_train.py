@@ -16,8 +16,10 @@ from runners.data import load_dataset
 from runners.train import (
     DeviceData,
     TrainingDiverged,
+    TrainResult,
     check_compatible,
     fit,
+    fit_steps,
     lr_factor,
     param_groups,
     resolve_device,
@@ -111,6 +113,21 @@ def test_callback_gets_one_dict_per_epoch_and_history_matches(digits, tiny):
         assert set(m) == {"epoch", "train_loss", "val_acc", "imgs_per_s", "epoch_time_s"}
         assert 0.0 <= m["val_acc"] <= 1.0 and m["imgs_per_s"] > 0 and m["epoch_time_s"] > 0
     assert res.val_acc == seen[-1]["val_acc"] and not res.model.training
+
+
+def test_fit_steps_yields_setup_steps_and_evals_then_returns_the_result(digits, tiny):
+    cfg = TrainConfig(epochs=2, batch_size=256)
+    steps = fit_steps(build_model(tiny), digits, cfg, device="cpu")
+    phases = []
+    while True:
+        try:
+            phases.append(next(steps))
+        except StopIteration as done:
+            result = done.value
+            break
+    per_epoch = len(digits.train_y) // 256
+    assert phases == ["setup"] + (["step"] * per_epoch + ["eval"]) * 2
+    assert isinstance(result, TrainResult) and len(result.history) == 2
 
 
 def test_max_train_batches_caps_the_steps_per_epoch(digits, tiny):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ from search_space.spec import ArchSpec
 
 from ..data import Dataset, load_dataset
 from ..measure import profile
-from ..train import fit, lr_factor, resolve_device, seed_everything
+from ..train import fit_steps, lr_factor, resolve_device, seed_everything
 
 # experiments/arch_base.yaml (the ablations' base): 28x28 -> 14x14 -> 7x7, 16/32/64 channels.
 BENCH_ARCH = """
@@ -56,7 +57,7 @@ stages:
   - {mixer: conv, depth: 2, channels: 32, downsample: conv}
   - {mixer: conv, depth: 1, channels: 64, downsample: conv}
 """
-# --quick (tests, smoke runs): a quarter of the MACs, 512 training images, one epoch.
+# --quick (tests, smoke runs): a quarter of the MACs, about 500 training images, one epoch.
 QUICK_ARCH = """
 input: {channels: 1, size: 28, classes: 10}
 stem: {channels: 8}
@@ -95,8 +96,12 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-def textbook_fit(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """The loop from a tutorial, with the trainer's optimizer, schedule and loss so only speed differs."""
+def textbook_steps(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device) -> Iterator[str]:
+    """The loop from a tutorial, with the trainer's optimizer, schedule and loss so only speed differs.
+
+    A generator with the phases of `runners.train.fit_steps` (``setup``, ``step``, ``eval``), so that
+    both can run in lockstep; returns its own img/s (valid when run alone) and the final accuracy.
+    """
     seed_everything(cfg.seed)
     model = model.to(device)
     loader = DataLoader(
@@ -109,10 +114,11 @@ def textbook_fit(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torc
     steps = len(loader)
     total, warmup = steps * cfg.epochs, round(cfg.warmup_epochs * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
-    imgs, wall, cpu, acc = 0, 0.0, 0.0, 0.0
+    yield "setup"
+    imgs, wall, acc = 0, 0.0, 0.0
     for _ in range(cfg.epochs):
         model.train()
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             x = (x.float() / 255.0 - mean) / std
@@ -122,10 +128,10 @@ def textbook_fit(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torc
             opt.step()
             sched.step()
             imgs += len(y)
+            yield "step"
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall += time.perf_counter() - t0
-        cpu += time.process_time() - c0
         model.eval()
         correct = 0
         with torch.no_grad():
@@ -133,49 +139,59 @@ def textbook_fit(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torc
                 x, y = x.to(device), y.to(device)
                 correct += int((model((x.float() / 255.0 - mean) / std).argmax(1) == y).sum())
         acc = correct / len(data.val_y)
-    return {"imgs_per_s": imgs / wall, "imgs_per_cpu_s": imgs / cpu, "val_acc": acc, "train_s": wall}
+        yield "eval"
+    return {"imgs_per_s": imgs / wall, "val_acc": acc}
 
 
-def trainer_fit(
+def _trainer_steps(
     model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device, precision: str = "auto"
-) -> dict[str, Any]:
-    """`runners.train.fit`, with the CPU time of its training steps (evaluation subtracted) on the side."""
-    marks = {"eval_cpu": 0.0}
-
-    def progress(i: int, steps: int) -> None:
-        if i == steps:
-            marks["end_of_training"] = time.process_time()
-
-    def callback(_: dict) -> None:
-        marks["eval_cpu"] += time.process_time() - marks["end_of_training"]
-
-    c0 = time.process_time()
-    res = fit(model, data, cfg, callback=callback, device=device, progress=progress, precision=precision)
-    cpu = time.process_time() - c0 - marks["eval_cpu"]
-    imgs = len(data.train_y) // cfg.batch_size * cfg.batch_size * cfg.epochs  # full batches only
-    return {
-        "imgs_per_s": res.imgs_per_s,
-        "imgs_per_cpu_s": imgs / cpu,
-        "val_acc": res.val_acc,
-        "train_s": imgs / res.imgs_per_s,
-    }
+) -> Iterator[str]:
+    res = yield from fit_steps(model, data, cfg, device=device, precision=precision)
+    return {"imgs_per_s": res.imgs_per_s, "val_acc": res.val_acc}
 
 
-def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The least disturbed of repeated runs: the best rates (accuracy is identical: seeded)."""
-    return {
-        **runs[0],
-        "imgs_per_s": max(r["imgs_per_s"] for r in runs),
-        "imgs_per_cpu_s": max(r["imgs_per_cpu_s"] for r in runs),
-        "runs": len(runs),
-    }
+def race(loops: dict[str, Iterator[str]], images_per_step: int, lockstep: bool) -> dict[str, dict[str, Any]]:
+    """Run the loops and time their training steps (setup and evaluation excluded).
+
+    ``lockstep`` (CPU): one phase of each loop in turn, so a burst of load from elsewhere on the
+    machine lands on all of them alike; img/s per wall second and per CPU second (this thread's)
+    come from the summed step times. Otherwise (CUDA, where a step is asynchronous) one loop after
+    the other, each reporting its own synchronised img/s.
+    """
+    stats = {k: {"wall": 0.0, "cpu": 0.0, "steps": 0} for k in loops}
+    order = [list(loops)] if lockstep else [[k] for k in loops]
+    for group in order:
+        active = {k: loops[k] for k in group}
+        while active:
+            for name, it in list(active.items()):
+                t, c = time.perf_counter(), time.thread_time()
+                try:
+                    phase = next(it)
+                except StopIteration as done:
+                    stats[name]["result"] = done.value
+                    del active[name]
+                    continue
+                if phase == "step":
+                    st = stats[name]
+                    st["wall"] += time.perf_counter() - t
+                    st["cpu"] += time.thread_time() - c
+                    st["steps"] += 1
+    out = {}
+    for name, st in stats.items():
+        imgs = st["steps"] * images_per_step
+        own = st["result"]["imgs_per_s"]
+        out[name] = {
+            "imgs_per_s": imgs / st["wall"] if lockstep else own,
+            "imgs_per_cpu_s": imgs / st["cpu"] if lockstep else None,
+            "val_acc": st["result"]["val_acc"],
+        }
+    return out
 
 
 def run(epochs: int = 2, quick: bool = False, device: str = "auto", threads: int = 1) -> dict[str, Any]:
     """Both loops on the same model and data; returns the numbers `main` prints.
 
-    One CPU thread by default: that is what a search trial with ``resources: {cpu: 1}`` gets, and
-    a single thread's speed is the one least disturbed by whatever else shares the machine.
+    One CPU thread by default: that is what a search trial with ``resources: {cpu: 1}`` gets.
     """
     dev = resolve_device(device)
     before = torch.get_num_threads()
@@ -188,24 +204,25 @@ def run(epochs: int = 2, quick: bool = False, device: str = "auto", threads: int
         seed_everything(cfg.seed)
         model = build_model(spec)
         fwd_flops = profile(model, (data.channels, data.size, data.size))["flops"]
-        # Identical initial weights for every run. Full runs go in A B B A order and keep each
-        # loop's best run, so that a burst of load from elsewhere cannot favour either side.
-        order = ["textbook", "trainer"] if quick else ["textbook", "trainer", "trainer", "textbook"]
-        runs: dict[str, list[dict[str, Any]]] = {"textbook": [], "trainer": []}
-        for name in order:
-            loop = textbook_fit if name == "textbook" else trainer_fit
-            runs[name].append(loop(copy.deepcopy(model), data, cfg, dev))
-        textbook, trainer = (_best(runs[k]) for k in ("textbook", "trainer"))
+        # Identical initial weights for every loop.
+        loops = {
+            "textbook": textbook_steps(copy.deepcopy(model), data, cfg, dev),
+            "trainer": _trainer_steps(copy.deepcopy(model), data, cfg, dev),
+        }
         # Not the default on CPU (fp32 gives the same numbers on every CPU), but shown where the CPU
         # has native bf16 (AVX512-BF16 / AMX): there it is the largest single speed-up.
-        bf16 = None
         if dev.type == "cpu" and _cpu_has_bf16():
-            bf16 = trainer_fit(copy.deepcopy(model), data, cfg, dev, precision="bf16")
+            loops["trainer_bf16"] = _trainer_steps(copy.deepcopy(model), data, cfg, dev, precision="bf16")
+        res = race(loops, cfg.batch_size, lockstep=dev.type == "cpu")
         peak, dtype = matmul_flops_per_s(dev)
         n_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+    textbook, trainer = res["textbook"], res["trainer"]
     achieved = 3 * fwd_flops * trainer["imgs_per_s"]
+    cpu_ratio = (
+        None if trainer["imgs_per_cpu_s"] is None else trainer["imgs_per_cpu_s"] / textbook["imgs_per_cpu_s"]
+    )
     return {
         "arch_hash": spec.arch_hash(),
         "fwd_flops": fwd_flops,
@@ -214,11 +231,12 @@ def run(epochs: int = 2, quick: bool = False, device: str = "auto", threads: int
         "batch_size": cfg.batch_size,
         "device": str(dev),
         "threads": n_threads,
+        "lockstep": dev.type == "cpu",
         "textbook": textbook,
         "trainer": trainer,
-        "trainer_bf16": bf16,
+        "trainer_bf16": res.get("trainer_bf16"),
         "speedup": trainer["imgs_per_s"] / textbook["imgs_per_s"],
-        "speedup_cpu": trainer["imgs_per_cpu_s"] / textbook["imgs_per_cpu_s"],
+        "speedup_cpu": cpu_ratio,
         "achieved_flops_per_s": achieved,
         "matmul_flops_per_s": peak,
         "matmul_dtype": dtype,
@@ -226,31 +244,36 @@ def run(epochs: int = 2, quick: bool = False, device: str = "auto", threads: int
     }
 
 
+def _rate(x: float | None, width: int) -> str:
+    return f"{x:{width},.0f}" if x is not None else " " * (width - 1) + "-"
+
+
 def main(args: argparse.Namespace) -> int:
     r = run(epochs=args.epochs, quick=args.quick)
-    tb, tr = r["textbook"], r["trainer"]
+    tb, tr, bf = r["textbook"], r["trainer"], r["trainer_bf16"]
+    mode = "in lockstep, step by step" if r["lockstep"] else "one after the other"
     print(
         f"bench train: arch {r['arch_hash']} ({r['fwd_flops'] / 2e6:.2f}M MACs/img) on mnist5k "
         f"({r['train_images']} train images), {r['epochs']} epoch(s), batch {r['batch_size']}, AdamW, "
-        f"{r['device']}, {r['threads']} thread(s), best of {r['textbook']['runs']} run(s) each"
+        f"{r['device']}, {r['threads']} thread(s), loops run {mode}"
     )
-    print(f"  {'':52s} {'img/s':>8s} {'img/CPU-s':>10s} {'val_acc':>8s}")
-    rows = (
+    print(f"  {'':56s} {'img/s':>8s} {'img/CPU-s':>10s} {'val_acc':>8s}")
+    rows = [
         ("textbook loop (DataLoader, per-batch .to + normalise)", tb),
         ("hybridnas trainer (+ random-crop augmentation)", tr),
-    )
+    ]
+    if bf is not None:
+        rows.append(("hybridnas trainer, bf16 autocast (not the CPU default)", bf))
     for name, x in rows:
-        print(f"  {name:52s} {x['imgs_per_s']:8,.0f} {x['imgs_per_cpu_s']:10,.0f} {x['val_acc']:8.4f}")
-    print(f"  {'speed-up':52s} {r['speedup']:7.2f}x {r['speedup_cpu']:9.2f}x")
-    b = r["trainer_bf16"]
-    if b is not None:
         print(
-            f"  {'hybridnas trainer with bf16 autocast (not the default)':52s} {b['imgs_per_s']:8,.0f} "
-            f"{b['imgs_per_cpu_s']:10,.0f} {b['val_acc']:8.4f}"
+            f"  {name:56s} {_rate(x['imgs_per_s'], 8)} {_rate(x['imgs_per_cpu_s'], 10)} {x['val_acc']:8.4f}"
         )
+    cpu = f"{r['speedup_cpu']:9.2f}x" if r["speedup_cpu"] is not None else ""
+    print(f"  {'speed-up, trainer vs textbook':56s} {r['speedup']:7.2f}x {cpu}")
+    if bf is not None:
         print(
-            f"  {'speed-up with bf16':52s} {b['imgs_per_s'] / tb['imgs_per_s']:7.2f}x "
-            f"{b['imgs_per_cpu_s'] / tb['imgs_per_cpu_s']:9.2f}x"
+            f"  {'speed-up, bf16 trainer vs textbook':56s} {bf['imgs_per_s'] / tb['imgs_per_s']:7.2f}x "
+            f"{bf['imgs_per_cpu_s'] / tb['imgs_per_cpu_s']:9.2f}x"
         )
     print(
         f"  trainer: 3 x {r['fwd_flops'] / 1e6:.1f} MFLOP/img x {tr['imgs_per_s']:,.0f} img/s = "
