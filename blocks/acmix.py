@@ -105,7 +105,7 @@ class ACmix(nn.Module):
         # the CPU (measured at batch 64, width 64, 28x28).
         kc2 = self.kernel_conv**2
         f = torch.matmul(
-            self.fc.weight.view(kc2, 3 * N), qkv.reshape(B, 3 * N, hd * H * W)
+            self.fc.weight.reshape(kc2, 3 * N), qkv.reshape(B, 3 * N, hd * H * W)
         )  # (B, kc2, hd*HW)
         f = f.view(B, kc2, hd, H, W).permute(0, 3, 4, 2, 1).reshape(B, H, W, hd * kc2).permute(0, 3, 1, 2)
         conv = self.dep_conv(f).contiguous()  # channel o from group o // N (the official order)

@@ -103,5 +103,7 @@ class DeformConv(nn.Module):
         # a plain matmul, so autocast runs it in bf16 and FlopCounterMode counts it. Back to x's
         # dtype so a model cast to bf16 (no autocast) matches its bf16 weights.
         cols = cols.to(x.dtype).view(B, g, (C // g) * taps, H * W)
-        out = torch.matmul(self.weight.view(g, C // g, (C // g) * taps), cols)
+        out = torch.matmul(
+            self.weight.reshape(g, C // g, (C // g) * taps), cols
+        )  # reshape: channels_last weights
         return out.view(B, C, H, W) + self.bias.view(1, C, 1, 1).to(out.dtype)
