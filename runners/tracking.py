@@ -443,7 +443,7 @@ class MlflowSearchCallback(Callback):
         except Exception:  # noqa: BLE001 - the error file may live on a lost node
             pass
         result = dict(trial.last_result or {})
-        result["error"] = str(error or "the trial's worker failed")
+        result["error"] = str(error or "the trial's worker died or failed (Ray recorded no error)")
         self._finish(trial, "failed", result, trials)
 
     # ---- helpers ---------------------------------------------------------------------------
