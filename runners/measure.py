@@ -631,20 +631,36 @@ def spec_units(spec: Any, batch_size: int = 1) -> list[Unit]:
     return units
 
 
-class _Timed(nn.Module):
-    """Stands in for one unit inside the network and records how long each call of it takes."""
+class _Clock:
+    """The time of the last mark in a forward pass, shared by the ``_Timed`` units of one network."""
 
-    def __init__(self, inner: nn.Module, timer: Callable[[], float], sync: Callable[[], None]) -> None:
+    def __init__(self, timer: Callable[[], float], sync: Callable[[], None]) -> None:
+        self.timer, self.sync, self.last = timer, sync, 0.0
+
+    def mark(self) -> float:
+        """Seconds since the previous mark (after a sync on CUDA); this call is the new mark."""
+        self.sync()
+        now = self.timer()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+class _Timed(nn.Module):
+    """Stands in for one unit inside the network and records its share of each forward pass.
+
+    A unit's time runs from the end of the previous unit to its own end, so everything the pass
+    spends between units (the containers' Python, freeing the previous activation, allocating
+    the next) is charged to the unit that follows, and the units add up to the whole pass.
+    """
+
+    def __init__(self, inner: nn.Module, clock: _Clock) -> None:
         super().__init__()
-        self.inner, self.timer, self.sync = inner, timer, sync
+        self.inner, self.clock = inner, clock
         self.times: list[float] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.sync()
-        t0 = self.timer()
         y = self.inner(x)
-        self.sync()
-        self.times.append((self.timer() - t0) * 1e3)
+        self.times.append(self.clock.mark() * 1e3)
         return y
 
 
@@ -666,14 +682,17 @@ def measure_in_context(
     a loop keeps all of them hot and runs 20-50 % faster than inside the network (the head, a
     pool + norm + linear, 3-4x faster), so units are timed in place: each is wrapped by a timer
     and the network runs whole. Passes of the plain network are interleaved with the wrapped
-    ones, so both see the same machine load; ``overhead_ms`` is what the plain network costs
-    beyond the sum of its units (the stage containers; on CUDA, minus the per-unit syncs).
+    ones, so both see the same machine load. A unit's time runs from the end of the unit before
+    it to its own end (see ``_Timed``), so the units cover the whole pass; ``overhead_ms`` is
+    what the plain network costs beyond their sum (the return from the network, the timers'
+    own cost with the opposite sign; on CUDA, minus the per-unit syncs).
 
     At least ``runs`` pairs of passes are timed, more for fast networks (about ``budget_s`` in
     all, at most 300 pairs): more samples make the medians steadier on a busy machine.
 
-    Returns ``{"units": {unit key: [ms, ...]}, "total": latency summary of the plain network,
-    "overhead_ms": float}``; a unit key that occurs more than once pools its samples.
+    Returns ``{"units": {unit key: ms}, "samples": {unit key: [ms per pass]}, "total": latency
+    summary of the plain network, "overhead_ms": float}``; a unit key that occurs more than once
+    (depth > 1) gets the average of its occurrences and pools their samples.
     """
     from search_space.build import build_model
 
@@ -682,32 +701,64 @@ def measure_in_context(
     dev, dt = _resolve_device(device), _resolve_dtype(dtype)
     timer, sync = _clock(clock, dev, threads), _sync_for(dev)
     units = spec_units(spec, batch_size)
-    plain = build_model(spec).to(dev)
-    wrapped = copy.deepcopy(plain)
-    timed = []
+    model = build_model(spec).to(dev)
+    clock_ = _Clock(timer, sync)
+    slots = []  # (parent, attribute, the unit, its timed stand-in)
     for u in units:
         parent_name, _, leaf = u.module.rpartition(".")
-        parent = wrapped.get_submodule(parent_name) if parent_name else wrapped
-        t = _Timed(parent._modules[leaf], timer, sync)
-        parent._modules[leaf] = t  # Sequential/ModuleList/attributes all read _modules
-        timed.append(t)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        slots.append((parent, leaf, parent._modules[leaf], _Timed(parent._modules[leaf], clock_)))
+
+    def use(timed: bool) -> None:
+        # One network whose units are swapped for their timed stand-ins and back (Sequential,
+        # ModuleList and attributes all read _modules): plain and timed passes share every weight,
+        # so neither pass evicts a copy the other needs from the caches.
+        for parent, leaf, unit, stand_in in slots:
+            parent._modules[leaf] = stand_in if timed else unit
+
     inp = spec.input
     x = _example_input((batch_size, inp.channels, inp.size, inp.size), dev)
+
+    def timed_pass() -> None:
+        use(True)
+        clock_.mark()  # the pass starts here; the stem's time includes the call into the network
+        model(x)
+        use(False)
+
     plain_times: list[float] = []
-    with _eval_mode(plain), _eval_mode(wrapped), _inference(dev, dt, threads):
-        warm = _time_ms(lambda: (plain(x), wrapped(x)), 0, max(1, warmup), sync, time.perf_counter)
-        runs = max(runs, min(300, int(1e3 * budget_s / max(min(warm), 1e-3))))
-        for t in timed:
-            t.times.clear()
-        for _ in range(runs):
-            plain_times += _time_ms(lambda: plain(x), 0, 1, sync, timer)
-            wrapped(x)
+    try:
+        with _eval_mode(model), _inference(dev, dt, threads):
+            warm = _time_ms(lambda: (model(x), timed_pass()), 0, max(1, warmup), sync, time.perf_counter)
+            runs = max(runs, min(300, int(1e3 * budget_s / max(min(warm), 1e-3))))
+            for *_, t in slots:
+                t.times.clear()
+            for _ in range(runs):
+                plain_times += _time_ms(lambda: model(x), 0, 1, sync, timer)
+                timed_pass()
+    finally:
+        use(False)
+    # Each unit's latency is its mean time over the *typical* passes, those whose total lies in
+    # the middle 40 % of all passes. Per-unit medians would not do: every unit's times are skewed
+    # (rare slow calls), and the sum of the medians falls 10-20 % short of the median pass,
+    # whereas means over the same central passes add up to a typical pass exactly.
+    per_pass = list(zip(*(t.times for *_, t in slots)))  # one tuple of unit times per timed pass
+    totals = sorted(sum(p) for p in per_pass)
+    lo, hi = totals[int(0.3 * (len(totals) - 1))], totals[int(0.7 * (len(totals) - 1))]
+    typical = [p for p in per_pass if lo <= sum(p) <= hi]
+    estimates: dict[str, list[float]] = {}
     samples: dict[str, list[float]] = {}
-    for u, t in zip(units, timed):
-        samples.setdefault(u.key, []).extend(t.times)
+    for i, u in enumerate(units):
+        estimates.setdefault(u.key, []).append(statistics.fmean(p[i] for p in typical))
+        samples.setdefault(u.key, []).extend(p[i] for p in per_pass)
+    unit_ms = {key: statistics.fmean(v) for key, v in estimates.items()}  # a repeated unit: average
     total = _summary(plain_times)
-    unit_sum = sum(statistics.median(t.times) for t in timed)
-    return {"units": samples, "total": total, "overhead_ms": total["median_ms"] - unit_sum}
+    unit_sum = sum(unit_ms[u.key] for u in units)
+    return {
+        "units": unit_ms,
+        "samples": samples,
+        "total": total,
+        "overhead_ms": total["median_ms"] - unit_sum,
+    }
 
 
 _OVERHEAD = "overhead"
@@ -751,12 +802,12 @@ def unit_latencies(
     overhead_key = f"{context}||{_OVERHEAD}"
     if any(f"{context}||{u.key}" not in table for u in units) or overhead_key not in table:
         measured = measure_in_context(spec, dev, batch_size, threads, dt, clock)
-        for key, times in measured["units"].items():
+        for key, ms in measured["units"].items():
             if f"{context}||{key}" not in table:
-                t = _summary(times)
+                t = _summary(measured["samples"][key])
                 table.put(
                     f"{context}||{key}",
-                    {"ms": t["median_ms"], "p10_ms": t["p10_ms"], "p90_ms": t["p90_ms"], "runs": t["runs"]},
+                    {"ms": ms, "p10_ms": t["p10_ms"], "p90_ms": t["p90_ms"], "runs": t["runs"]},
                 )
         previous = (table.get(overhead_key) or {}).get("samples", [])
         samples = [*previous, measured["overhead_ms"]][-_MAX_OVERHEAD_SAMPLES:]
@@ -803,7 +854,7 @@ def human(n: float) -> str:
 def _latency_shares(spec: Any, device: str, batch_size: int, threads: int) -> dict[str, float]:
     """Share of the forward time per row ("stem", "0", "1", ..., "head"), from units timed in place."""
     measured = measure_in_context(spec, device, batch_size, threads)
-    per_unit = {key: statistics.median(times) for key, times in measured["units"].items()}
+    per_unit = measured["units"]
     rows: dict[str, float] = {}
     for u in spec_units(spec, batch_size):
         row = "stem" if u.module == "stem" else "head" if u.module == "head" else str(u.stage)

@@ -353,9 +353,15 @@ def test_predict_latency_without_a_table_uses_the_cache_dir(tiny_spec, tmp_path,
 
 def test_measure_in_context_times_every_unit_inside_the_network(tiny_spec):
     out = measure_in_context(tiny_spec, runs=20, budget_s=0.0)
-    assert set(out["units"]) == {u.key for u in spec_units(tiny_spec)}
-    assert all(len(t) >= 20 and min(t) > 0 for t in out["units"].values())
+    keys = {u.key for u in spec_units(tiny_spec)}
+    assert set(out["units"]) == set(out["samples"]) == keys
+    assert all(len(t) >= 20 and min(t) > 0 for t in out["samples"].values())
+    assert all(math.isfinite(ms) and ms > 0 for ms in out["units"].values())
     assert out["total"]["runs"] >= 20 and math.isfinite(out["overhead_ms"])
+    # The units add up to the network: what is left over is a small part of a pass.
+    assert sum(out["units"][u.key] for u in spec_units(tiny_spec)) + out["overhead_ms"] == pytest.approx(
+        out["total"]["median_ms"]
+    )
 
 
 # ---- profile_spec and `hybridnas profile` ---------------------------------------------------------
