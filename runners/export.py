@@ -30,26 +30,19 @@ from urllib.parse import urlsplit, urlunsplit
 import pandas as pd
 
 from runners import __version__
-from runners.pareto import DEFAULT_OBJECTIVES, feasible_table, human, knee, objective_pairs, trial_key
+from runners.pareto import (
+    DEFAULT_OBJECTIVES,
+    METRIC_COLUMNS,
+    feasible_table,
+    human,
+    knee,
+    objective_pairs,
+    trial_key,
+)
 from search_space.errors import UserError, did_you_mean
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-COLUMNS = (
-    "run_id",
-    "trial",
-    "status",
-    "val_acc",
-    "macs",
-    "flops",
-    "params",
-    "latency_ms",
-    "latency_ms_measured",
-    "train_time_s",
-    "imgs_per_s",
-    "arch",
-    "arch_hash",
-    "parent_run_id",
-)
+COLUMNS = ("run_id", "trial", "status", *METRIC_COLUMNS, "arch", "arch_hash", "parent_run_id")
 COUNT_METRICS = ("macs", "flops", "params")  # logged as floats by MLflow; exact integers below 2**53
 EXPORTED_METRICS = ("val_acc", "macs", "flops", "params", "latency_ms", "latency_ms_measured")
 BUDGET_METRICS = ("macs", "flops", "params", "latency_ms")
