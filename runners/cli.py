@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float)
     s.add_argument("--seed", type=int)
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere",
+    )
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: all)")
     s.add_argument("--out", help="directory for the state dict and the arch YAML")
     s.add_argument("--json", action="store_true", help="print one JSON object at the end")
     s.set_defaults(func=_handler("runners.train"))

@@ -196,6 +196,7 @@ def hybridnas_trial(config: dict) -> None:
             "train_loss": res.train_loss,
             "train_time_s": res.train_time_s,
             "imgs_per_s": res.imgs_per_s,
+            "precision": res.precision,
         }
     )
 

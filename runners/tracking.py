@@ -468,7 +468,11 @@ class MlflowSearchCallback(Callback):
             finals.pop("train_loss")
         log_metrics(client, run_id, finals, step=int(result.get("epoch", 0) or 0))
         tags = {"hybridnas.status": status}
-        for key, tag in (("hostname", "hybridnas.host"), ("node_id", "hybridnas.node_id")):
+        for key, tag in (
+            ("hostname", "hybridnas.host"),
+            ("node_id", "hybridnas.node_id"),
+            ("precision", "hybridnas.precision"),
+        ):
             if result.get(key):
                 tags[tag] = result[key]
         if status == "failed":

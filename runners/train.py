@@ -10,8 +10,10 @@ A search is thousands of short trainings, so this loop follows airbench
 - Normalisation happens on the batch, fused with the uint8 -> float conversion.
 - AdamW (or SGD with Nesterov momentum), linear warm-up then cosine per step, label smoothing,
   weight decay only on weight matrices/kernels (not norms, biases or position tables).
-- channels_last everywhere (1.3x on CPU too). CUDA: bf16 autocast. CPU: fp32, torch threads from
-  the trial's CPUs, and the same seed gives the same numbers to the last digit.
+- channels_last everywhere (1.3x on CPU too). bf16 autocast on CUDA and on CPUs with native bf16
+  matrix units (AMX, AVX512-BF16; 1.2-2x per step there, see `hybridnas bench train`), fp32 on
+  other CPUs (``train.precision`` overrides). CPU: torch threads from the trial's CPUs; the same
+  seed on the same machine gives the same numbers to the last digit.
 
 ``train_model`` is the one entry point: the CLI (`hybridnas train`) and Ray trials both call it,
 and per-epoch metrics leave through ``callback``.
@@ -74,6 +76,7 @@ class TrainResult:
     train_time_s: float  # wall time of all epochs, evaluation included
     epochs: int
     model: nn.Module = field(repr=False)  # trained, in eval mode, on the training device
+    precision: str = "fp32"  # what the steps ran in: fp32 or bf16 (``auto`` resolved)
 
 
 # --------------------------------------------------------------------------------------------- devices
@@ -109,6 +112,29 @@ def _threads(n: int) -> Iterator[None]:
     finally:
         if n > 0:
             torch.set_num_threads(before)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU multiply bf16 in hardware (AMX tiles or AVX512-BF16)? Then oneDNN's bf16
+    convolutions and matmuls beat fp32; on other CPUs bf16 is emulated and slower."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    for name in checks:  # private helpers of torch.cpu (torch >= 2.3); absent means "don't know"
+        fn = getattr(torch.cpu, name, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except RuntimeError:
+            pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16, else ``fp32``; others unchanged."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
 
 
 def _sync(device: torch.device) -> None:
@@ -267,9 +293,9 @@ def train_model(
     with _threads(n_threads):
         seed_everything(cfg.seed)  # the initial weights depend on the seed only
         model = build_model(spec)
-        # TrainConfig has no precision field (yet): "auto" = bf16 autocast on CUDA, fp32 on CPU.
-        precision = getattr(cfg, "precision", "auto")
-        return fit(model, data, cfg, callback=callback, device=dev, progress=progress, precision=precision)
+        return fit(
+            model, data, cfg, callback=callback, device=dev, progress=progress, precision=cfg.precision
+        )
 
 
 def fit(
@@ -284,8 +310,8 @@ def fit(
 ) -> TrainResult:
     """Train an already built ``model`` (`train_model` without the spec; benchmarks and tests use it).
 
-    ``precision``: ``auto`` = bf16 autocast on CUDA, fp32 on CPU; ``bf16`` = bf16 autocast on either
-    (fast on CPUs with AMX, see `hybridnas bench train`); ``fp32`` = no autocast.
+    ``precision``: see `resolve_precision` (``auto``: bf16 autocast on CUDA and on CPUs with native
+    bf16, fp32 elsewhere); ``bf16`` = autocast on either; ``fp32`` = no autocast.
     """
     steps = fit_steps(model, data, cfg, callback, device, progress=progress, precision=precision)
     while True:
@@ -312,11 +338,10 @@ def fit_steps(
     load from elsewhere on the machine falls on both alike, and time training steps apart from
     setup and evaluation.
     """
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     dev = resolve_device(device if device is not None else cfg.device)
     cuda = dev.type == "cuda"
-    bf16 = precision == "bf16" or (precision == "auto" and cuda)
+    precision = resolve_precision(precision, dev)
+    bf16 = precision == "bf16"
     seed_everything(cfg.seed)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)  # permutations, crops, flips
     # channels_last (NHWC) everywhere: cuDNN's tensor-core kernels want it, and oneDNN's CPU
@@ -400,6 +425,7 @@ def fit_steps(
         train_time_s=time.perf_counter() - t_start,
         epochs=cfg.epochs,
         model=model,
+        precision=precision,
     )
 
 
@@ -512,7 +538,13 @@ def main(args: argparse.Namespace) -> int:
     # belongs to the machine it ran on; flags override it.
     recipe = {k: v for k, v in _known(prov.get("train"), TrainConfig).items() if k not in MACHINE_KEYS}
     cfg = TrainConfig.from_dict(recipe, path="provenance.train").replace(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        precision=getattr(args, "precision", None),
+        threads=getattr(args, "threads", None),
     )
     shape = expected_shape(data_cfg)
     if shape is not None:
@@ -525,7 +557,8 @@ def main(args: argparse.Namespace) -> int:
     on_batch, on_epoch = _progress_printer(stream, cfg.epochs)
     dev = resolve_device(cfg.device)
     print(
-        f"training {spec.arch_hash()} on {data!r} for {cfg.epochs} epoch(s), device {dev}",
+        f"training {spec.arch_hash()} on {data!r} for {cfg.epochs} epoch(s), device {dev}, "
+        f"{resolve_precision(cfg.precision, dev)}",
         file=stream,
         flush=True,
     )
@@ -571,6 +604,7 @@ def main(args: argparse.Namespace) -> int:
         "train_time_s": res.train_time_s,
         "epochs": res.epochs,
         "device": str(dev),
+        "precision": res.precision,
         "out": str(out),
         "history": res.history,
     }

@@ -13,6 +13,7 @@ from .errors import SpecError, did_you_mean
 DATASETS = ("mnist5k", "digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _check_keys(d: Any, cls: type, path: str) -> dict:
@@ -117,6 +118,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto = cuda when available
     threads: int = 0  # torch CPU threads; 0 = from the trial's CPUs / the machine
+    # auto = bf16 autocast on CUDA and on CPUs with native bf16 matrix units (AMX or AVX512-BF16),
+    # fp32 elsewhere; fp32 = no autocast anywhere; bf16 = autocast wherever it runs.
+    precision: str = "auto"
     max_train_batches: int = 0  # 0 = whole epoch; >0 caps batches per epoch (smoke runs)
 
     @classmethod
@@ -126,6 +130,11 @@ class TrainConfig:
             raise SpecError(f"{path}.optimizer", f"{cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if cfg.device not in DEVICES:
             raise SpecError(f"{path}.device", f"{cfg.device!r} is not one of {', '.join(DEVICES)}")
+        if cfg.precision not in PRECISIONS:
+            raise SpecError(
+                f"{path}.precision",
+                f"{cfg.precision!r} is not one of {', '.join(PRECISIONS)}{did_you_mean(cfg.precision, PRECISIONS)}",
+            )
         for k in ("epochs", "batch_size"):
             if getattr(cfg, k) < 1:
                 raise SpecError(f"{path}.{k}", f"must be >= 1, got {getattr(cfg, k)}")

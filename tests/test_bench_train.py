@@ -55,6 +55,8 @@ def test_textbook_loop_has_the_trainers_phases():
 def test_matmul_rate_is_measured_in_the_training_dtype():
     rate, dtype = bench.matmul_flops_per_s(torch.device("cpu"), seconds=0.05)
     assert rate > 1e8 and dtype == "float32"
+    rate, dtype = bench.matmul_flops_per_s(torch.device("cpu"), seconds=0.05, precision="bf16")
+    assert rate > 1e8 and dtype == "bfloat16"
 
 
 def test_quick_bench_prints_consistent_rates_ratio_and_flop_fraction(capsys):
@@ -70,7 +72,8 @@ def test_quick_bench_prints_consistent_rates_ratio_and_flop_fraction(capsys):
         for name in ("textbook loop", "hybridnas trainer")
     }
     speedup, speedup_cpu = (
-        float(v) for v in re.search(r"speed-up, trainer vs textbook\s+([\d.]+)x\s+([\d.]+)x", out).groups()
+        float(v)
+        for v in re.search(r"speed-up, trainer \(default\) vs textbook\s+([\d.]+)x\s+([\d.]+)x", out).groups()
     )
     tb, tr = rates["textbook loop"], rates["hybridnas trainer"]
     assert abs(speedup - tr[0] / tb[0]) < 0.02 * speedup + 0.01

@@ -119,6 +119,20 @@ def test_slide_keeps_shape_and_backprops_in_fp32_and_bf16_autocast(size, batch):
     torch.testing.assert_close(yb.float(), y, rtol=0.1, atol=0.1)
 
 
+def test_kernel_computes_bf16_inputs_in_fp32_on_the_cpu():
+    # On the CPU the kernel's elementwise passes are faster in fp32: bf16 inputs are upcast, the
+    # result is rounded back once. So it equals the fp32 kernel on the same (bf16-valued) inputs,
+    # bit for bit, and its gradients reach the bf16 inputs in bf16.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 5, 6, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    rpb = torch.randn(2, 9, generator=g).bfloat16()
+    y = local_attention(q, k, v, 3, rpb=rpb)
+    ref = local_attention(q.detach().float(), k.detach().float(), v.detach().float(), 3, rpb=rpb.float())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref.bfloat16())
+    y.float().sum().backward()
+    assert all(t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad.float()).all() for t in (q, k, v))
+
+
 def test_slide_runs_as_a_pure_bf16_module():
     mod = SlideAttention(16, heads=2, kernel=5).to(torch.bfloat16)
     x = torch.randn(2, 16, 6, 9, dtype=torch.bfloat16, requires_grad=True)

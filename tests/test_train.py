@@ -273,6 +273,41 @@ def test_resolve_device():
         resolve_device("tpu")
 
 
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    import runners.train as train
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert train.resolve_precision("fp32", gpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
+    assert train.resolve_precision("auto", gpu) == "bf16"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.resolve_precision("auto", cpu) == "bf16"
+    with pytest.raises(UserError, match="fp16"):
+        train.resolve_precision("fp16", cpu)
+
+
+def test_bad_precision_names_the_key_and_the_choices():
+    with pytest.raises(
+        SpecError, match=r"train\.precision: 'bf61' is not one of auto, fp32, bf16 \(did you mean 'bf16'"
+    ):
+        TrainConfig.from_dict({"precision": "bf61"})
+
+
+def test_bf16_autocast_trains_on_the_cpu_with_fp32_weights(digits, tiny):
+    seen = []
+    model = build_model(tiny)
+    model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=1e-2, seed=1)
+    b = fit(model, digits, cfg, device="cpu", precision="bf16")
+    f = fit(build_model(tiny), digits, cfg, device="cpu", precision="fp32")
+    assert (b.precision, f.precision) == ("bf16", "fp32")
+    assert seen and set(seen) == {torch.bfloat16}  # the logits came out of autocast
+    assert all(p.dtype == torch.float32 for p in b.model.parameters())
+    assert b.train_loss != f.train_loss  # autocast changed the arithmetic...
+    assert abs(b.val_acc - f.val_acc) < 0.1 and b.val_acc > 0.5  # ...not what the model learns
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
