@@ -514,17 +514,17 @@ class _Replays:
 def calibrate_latency(
     space: Any, input: Any, latency: Any, table_path: str | None = None, stream: Any = None, seed: int = 0
 ) -> dict[str, Any]:
-    """Measure every latency-table unit the space can produce, before any trial runs.
+    """Calibrate the latency table for this space before any trial runs (`runners.measure.calibrate_table`).
 
     Small spaces are enumerated; bigger ones are covered by ``CALIBRATION_SAMPLES`` random draws
-    (a unit the draws missed is measured when first met). Units already in the table (a
-    previous search, same machine, same code) are not measured again.
-    An architecture a block cannot build is skipped here (it fails as a trial, with the error).
-    Returns ``{"units", "measured", "seconds", "path", "broken"}`` (broken: the errors).
+    (a unit the draws missed is measured when first met). Every unit is measured in context and
+    about a hundred architectures end to end, to which the unit entries are refit. What the table
+    has already (a previous search, same machine, same code) is not measured again.
+    Returns ``{"units", "measured", "timed", "fit", "seconds", "path", "broken"}``.
     """
     import optuna
 
-    from runners.measure import LatencyTable, missing_units, predict_latency, spec_units
+    from runners.measure import LatencyTable, calibrate_table
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
@@ -534,30 +534,15 @@ def calibrate_latency(
     else:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
         specs = [space.suggest(study.ask(), input=input, grid=False) for _ in range(CALIBRATION_SAMPLES)]
-    units: set[str] = set()
-    covering = []
-    for spec in specs:  # a few architectures that together contain every unit
-        keys = {u.key for u in spec_units(spec, latency.batch_size)}
-        if not keys <= units:
-            covering.append(spec)
-            units |= keys
-    where = {"device": latency.device, "batch_size": latency.batch_size, "threads": latency.threads}
-    missing: set[str] = set()
-    broken: list[str] = []
-    for spec in covering:
-        try:
-            missing |= {u.key for u in missing_units(spec, table, **where)}
-            predict_latency(spec, table, **where)
-        except Exception as e:  # noqa: BLE001 - such an architecture fails as a trial, with this error
-            broken.append(f"{type(e).__name__}: {e}")
-    table.save()
-    return {
-        "units": len(units),
-        "measured": len(missing),
-        "seconds": time.perf_counter() - t0,
-        "path": str(table.path),
-        "broken": broken,
-    }
+    res = calibrate_table(
+        specs,
+        table,
+        device=latency.device,
+        batch_size=latency.batch_size,
+        threads=latency.threads,
+        seed=seed,
+    )
+    return {**res, "seconds": time.perf_counter() - t0, "path": str(table.path)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -873,8 +858,14 @@ def run_search(
         cal = calibrate_latency(exp.space, input_spec, exp.latency, seed=exp.search.seed)
         timings["latency_table_s"] = cal["seconds"]
         say(
-            f"latency table: {cal['units']} units, {cal['measured']} measured now ({cal['seconds']:.1f}s), "
-            f"cached in {cal['path']}"
+            f"latency table: {cal['units']} units, {cal['measured']} measured now"
+            + (f", {cal['timed']} architectures timed end to end" if cal["timed"] else "")
+            + (
+                f", refit: {100 * cal['fit']['within_10_after']:.0f}% of {cal['fit']['archs']} within 10%"
+                if "within_10_after" in cal["fit"]
+                else ""
+            )
+            + f" ({cal['seconds']:.1f}s), cached in {cal['path']}"
             + (
                 f"; {len(cal['broken'])} architectures could not be built ({cal['broken'][0]})"
                 if cal["broken"]

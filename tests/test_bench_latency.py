@@ -60,7 +60,10 @@ def test_test_architectures_are_predicted_from_other_architectures_measurements(
         for key in ("predicted_ms", "measured_ms", "remeasured_ms"):
             assert math.isfinite(r[key]) and r[key] > 0
         assert r["error"] == pytest.approx((r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"])
-    assert sum(r["donors"] for r in rows) >= 1
+        assert r["unfit_error"] == pytest.approx((r["unfit_ms"] - r["measured_ms"]) / r["measured_ms"])
+    cal = rows[0]["calibration"]
+    # The tiny space has 8 architectures: 2 under test, the other 6 calibrate (too few to refit).
+    assert cal["timed"] == 6 and cal["fit"] == {"archs": 6} and cal["measured"] == cal["units"]
     s = bench.summarize(rows)
     assert s["n"] == 2 and s["n_lookup"] == 2 and 0.0 <= s["within_10"] <= 1.0
 
