@@ -132,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=2)
     s.add_argument("--quick", action="store_true")
     s.set_defaults(func=_handler("runners.bench.train"))
-    s = bsub.add_parser("search", help="orchestration overhead of a small search")
-    s.add_argument("--trials", type=int, default=6)
+    s = bsub.add_parser("search", help="orchestration overhead of the quickstart search")
+    s.add_argument("--experiment", default=None, help="experiment file (default: the quickstart)")
+    s.add_argument("--trials", type=int, default=None, help="default: the experiment's")
+    s.add_argument("--epochs", type=int, default=None, help="default: the experiment's")
     s.add_argument("--quick", action="store_true")
     s.set_defaults(func=_handler("runners.bench.search"))
     return p

@@ -524,11 +524,29 @@ def calibrate_latency(
     """
     import optuna
 
-    from runners.measure import LatencyTable, calibrate_table
+    from runners.measure import LatencyTable, _context_key, _resolve_device, _resolve_dtype, calibrate_table
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
     table = LatencyTable(table_path)
+    # A space calibrated before in this context (machine, threads, batch, torch, block code) is
+    # marked in the table: a repeated search skips drawing and checking its 2,000 architectures.
+    context = _context_key(
+        _resolve_device(latency.device), latency.batch_size, latency.threads, _resolve_dtype(None), "wall"
+    )
+    what = {"space": space.to_dict(), "input": input.to_dict(), "samples": CALIBRATION_SAMPLES, "seed": seed}
+    marker = f"{context}||space|{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
+    done = table.get(marker)
+    if done is not None:
+        return {
+            "units": done["units"],
+            "measured": 0,
+            "timed": 0,
+            "fit": done["fit"],
+            "broken": done["broken"],
+            "seconds": time.perf_counter() - t0,
+            "path": str(table.path),
+        }
     if space.size(input) <= CALIBRATION_SAMPLES:
         specs = space.enumerate(input)
     else:
@@ -542,6 +560,10 @@ def calibrate_latency(
         threads=latency.threads,
         seed=seed,
     )
+    if not res["broken"]:  # a broken architecture may be fixed by a code change: check again next time
+        summary = {k: res[k] for k in ("units", "fit", "broken")}
+        table.put(marker, {"ms": 0.0, **summary})
+        table.save()
     return {**res, "seconds": time.perf_counter() - t0, "path": str(table.path)}
 
 
@@ -754,6 +776,30 @@ def _replays_from_mlflow(client: Any, exp_id: str, parent: str) -> tuple[dict[st
     return results, params
 
 
+# Imported in the background while the driver mostly waits (on MLflow, on Ray's processes starting, on
+# trials): torch._dynamo is what FlopCounterMode pulls in on its first use (2 s on the path to the first
+# trial otherwise: the first suggestion profiles an architecture); the plotting libraries are what the
+# end of the search needs (1-2 s there otherwise).
+_WARM_MODULES = (
+    "torch._dynamo",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+    "plotly.graph_objects",
+)
+
+
+def _warm_imports() -> None:
+    import importlib
+    import threading
+
+    def run() -> None:
+        for name in _WARM_MODULES:
+            with contextlib.suppress(Exception):  # only a head start: a failure shows where it is used
+                importlib.import_module(name)
+
+    threading.Thread(target=run, name="hybridnas-warm-imports", daemon=True).start()
+
+
 def run_search(
     exp: Any,
     *,
@@ -775,6 +821,7 @@ def run_search(
     stream = stream or sys.stdout
     say = (lambda line: print(line, file=stream, flush=True)) if progress else (lambda line: None)
     t_start = time.time()
+    _warm_imports()
     timings: dict[str, float] = {}
     out = Path(out_dir or exp.out_dir).expanduser().resolve()
     state = _read_state(out)

@@ -40,8 +40,9 @@ def test_shipped_experiment_files_are_valid_and_resolve_to_json(path):
 def test_quickstart_stays_within_the_ten_minute_budget_it_was_sized_for():
     e = Experiment.from_yaml(ROOT / "experiments" / "quickstart.yaml")
     assert e.data.dataset == "mnist5k" and e.input == InputSpec(1, 28, 10)
-    # ~10 s per epoch per trial on this 2-core machine: 16 trials x 2 epochs / 2 in parallel ~ 3 min of training.
-    assert e.search.trials * e.train.epochs / e.search.concurrency <= 20
+    # ~2.5 s per epoch per trial on this 2-core machine (bf16; ~5 s in fp32), and about a third of the
+    # trials are over the MACs budget and never trained: 16 trials x 4 epochs / 2 in parallel ~ 1-3 min.
+    assert e.search.trials * e.train.epochs / e.search.concurrency <= 32
     assert "macs" in e.constraints and e.constraints["macs"].max is not None
 
 

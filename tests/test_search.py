@@ -347,6 +347,28 @@ def test_resume_without_state_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp_path, capsys, monkeypatch):
+    import argparse
+    import re
+
+    from runners.bench import search as bench
+
+    monkeypatch.chdir(tmp_path)
+    search = {"sampler": "random", "trials": 3, "concurrency": 2, "seed": 0}
+    path = tmp_path / "bench.yaml"
+    _experiment(tmp_path, "bench", search)  # writes bench.yaml
+    assert bench.main(argparse.Namespace(experiment=str(path), trials=3, epochs=1, quick=False)) == 0
+    out = capsys.readouterr().out
+    wall = float(re.search(r"^  wall\s+([\d.]+)$", out, re.M).group(1))
+    train = float(re.search(r"training time ([\d.]+) s in all", out).group(1))
+    overhead = float(re.search(r"/ wall = ([\d.]+)%", out).group(1))
+    assert re.search(r"trials: 3 \(3 ok\)", out)
+    assert 0 < train / 2 < wall and overhead == pytest.approx(100 * (wall - train / 2) / wall, abs=0.3)
+    first = float(re.search(r"first trial started ([\d.]+) s after", out).group(1))
+    assert 0 < first < wall
+    assert "one-time, before the clock" in out and "units measured" in out
+
+
 def test_trials_run_on_both_nodes_of_a_two_node_cluster(ray_local, tmp_path):
     from ray.cluster_utils import Cluster
 
