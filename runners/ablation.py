@@ -57,14 +57,16 @@ def _trial_key(variant: str, seed: int) -> str:
 
 
 def measure_variants(study: Any, input_spec: Any) -> dict[str, dict]:
-    """MACs, FLOPs, params and predicted latency of every variant, checking that each one builds.
+    """MACs, FLOPs, params and latency of every variant, checking that each one builds.
 
     Runs before anything trains: a variant that cannot be built for this data is a `SpecError`
-    naming the variant and the reason.
+    naming the variant and the reason. An ablation has a handful of variants, so each one's latency
+    is measured end to end (`runners.measure.latency`, median of 50 runs) rather than predicted
+    from the lookup table a search needs for thousands of candidates.
     """
-    from runners.measure import LatencyTable, predict_latency, profile_spec
+    from runners.measure import latency, profile_spec
+    from search_space.build import build_model
 
-    table = LatencyTable()
     out = {}
     for v in study.variants:
         if v.spec.input != input_spec:
@@ -78,15 +80,16 @@ def measure_variants(study: Any, input_spec: Any) -> dict[str, dict]:
             p = profile_spec(v.spec)
         except (ValueError, RuntimeError) as e:
             raise SpecError(f"variant {v.name!r}", f"cannot be built: {e}") from None
-        lat = predict_latency(
-            v.spec,
-            table,
+        inp = v.spec.input
+        lat = latency(
+            build_model(v.spec),
+            (inp.channels, inp.size, inp.size),
             device=study.latency.device,
             batch_size=study.latency.batch_size,
             threads=study.latency.threads,
-        )
+            runs=50,
+        )["median_ms"]
         out[v.name] = {"macs": p["macs"], "flops": p["flops"], "params": p["params"], "latency_ms": lat}
-    table.save()
     return out
 
 
