@@ -230,7 +230,7 @@ def plot(rows: list[Row], path: Path, title: str = "", confidence: float = 0.95)
     pad = max(0.5, 0.15 * (hi - lo))
     ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
     ax.set_xticks(x, [r.variant.replace(", ", "\n") for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("validation accuracy (%)  mean ± sd over seeds")
+    ax.set_ylabel("val_acc (%), mean ± sd over seeds")
     ax.set_title(title or "ablation", fontsize=10)
     fig.text(
         0.99,
