@@ -347,6 +347,19 @@ def test_cli_train_json_prints_one_object(arch_file, tmp_path, capsys):
     assert res["flops"] == 2 * res["macs"] and len(res["history"]) == 1
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cli_precision_and_threads_flags_reach_the_trainer_and_the_written_recipe(
+    arch_file, tmp_path, capsys, precision
+):
+    out = tmp_path / "o"
+    threads = torch.get_num_threads()
+    argv = ["train", str(arch_file), "--data", "digits", "--epochs", "1", "--json", "--out", str(out)]
+    assert cli([*argv, "--precision", precision, "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == precision
+    assert torch.get_num_threads() == threads  # restored after training
+    assert ArchSpec.from_yaml(out / "arch.yaml").provenance["train"]["precision"] == precision
+
+
 def test_cli_synthetic_data_follows_the_arch_and_provenance_picks_the_data(tmp_path, capsys):
     arch = tmp_path / "rgb.yaml"
     arch.write_text(TINY.replace("channels: 1, size: 8, classes: 10", "channels: 3, size: 12, classes: 4"))
