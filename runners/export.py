@@ -141,6 +141,23 @@ def _search_all(client, experiment_id: str, filter_string: str) -> list:
             return runs
 
 
+MACHINE_TRAIN_KEYS = ("device", "threads")  # describe the machine a search ran on, not its recipe
+
+
+def search_recipe(client: Any, run_id: str) -> dict | None:
+    """``{"data": ..., "train": ...}`` of the search run ``run_id``, from its ``resolved_config.json``
+    artifact (None when it has none): what `hybridnas train` needs to retrain an exported trial the
+    way the search trained it. Unset data keys and the machine's train keys are left out."""
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            cfg = json.loads(Path(client.download_artifacts(run_id, "resolved_config.json", d)).read_text())
+    except Exception:  # noqa: BLE001 - an older or foreign run: export the architecture without a recipe
+        return None
+    data = {k: v for k, v in (cfg.get("data") or {}).items() if v is not None}
+    train = {k: v for k, v in (cfg.get("train") or {}).items() if k not in MACHINE_TRAIN_KEYS}
+    return {"data": data, "train": train} if data and train else None
+
+
 def _warn(msg: str) -> None:
     print(f"hybridnas: warning: {msg}", file=sys.stderr)
 
@@ -154,7 +171,8 @@ def load_runs(
     Columns: run_id, trial, status, val_acc, macs, flops, params, latency_ms,
     latency_ms_measured, train_time_s, imgs_per_s, arch (an ArchSpec from the run's arch.yaml),
     arch_hash, parent_run_id. ``df.attrs`` holds experiment, parent_run_id, tracking_uri,
-    objectives (``[(metric, mode)]`` from the parent's ``hybridnas.objectives`` tag) and counts.
+    objectives (``[(metric, mode)]`` from the parent's ``hybridnas.objectives`` tag), counts and
+    recipe (`search_recipe`).
     Raises `ExportError` (a UserError) for an unknown experiment (listing those that exist), a
     missing search run, or no finished trials.
     """
@@ -248,6 +266,7 @@ def load_runs(
         tracking_uri=uri,
         objectives=_parent_objectives(parent),
         statuses=statuses,
+        recipe=search_recipe(client, pid),
     )
     return df
 
@@ -353,11 +372,14 @@ def export_arch(
     *,
     selection: str | None = None,
     tracking_uri: str | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the row's architecture as ArchSpec YAML with ``metrics:`` and ``provenance:``.
 
     ``row`` is a row of `load_runs` (or any mapping with ``arch`` and the metric/run columns). The
     file is written atomically; it round-trips to the same ArchSpec (checked before writing).
+    ``recipe`` (`search_recipe`, ``df.attrs["recipe"]``) adds ``provenance.data`` and
+    ``provenance.train``, so `hybridnas train FILE` retrains it on the search's data and recipe.
     """
     from search_space.spec import ArchSpec
 
@@ -378,6 +400,7 @@ def export_arch(
         "hybridnas_version": __version__,
         "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "selection": selection,
+        **({"data": dict(recipe["data"]), "train": dict(recipe["train"])} if recipe else {}),
     }
     provenance = {k: v for k, v in provenance.items() if v is not None}
     spec = dataclasses.replace(arch, metrics=metrics, provenance=provenance)
@@ -409,20 +432,24 @@ def main(args: argparse.Namespace) -> int:
     how = check_selection(getattr(args, "select", None) or "best_acc")
     df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
     rows = select(df, how)
-    uri = df.attrs.get("tracking_uri")
+    uri, recipe = df.attrs.get("tracking_uri"), df.attrs.get("recipe")
     out = getattr(args, "out", None)
     written = []
     if how == "pareto":
         folder = Path(out or f"{args.experiment}_front")
         for r in rows.to_dict("records"):
             path = folder / f"{slug(args.experiment)}_trial{slug(str(r['trial']))}.yaml"
-            written.append((export_arch(r, args.experiment, path, selection=how, tracking_uri=uri), r))
+            written.append(
+                (export_arch(r, args.experiment, path, selection=how, tracking_uri=uri, recipe=recipe), r)
+            )
     else:
         path = Path(out) if out else Path(f"{slug(args.experiment)}_{slug(how)}.yaml")
         if path.is_dir():
             path = path / f"{slug(args.experiment)}_{slug(how)}.yaml"
         r = rows.iloc[0].to_dict()
-        written.append((export_arch(r, args.experiment, path, selection=how, tracking_uri=uri), r))
+        written.append(
+            (export_arch(r, args.experiment, path, selection=how, tracking_uri=uri, recipe=recipe), r)
+        )
     print(
         f"experiment {args.experiment} (search run {df.attrs['parent_run_id']}): {len(df)} finished trials, "
         f"selection {how}"

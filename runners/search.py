@@ -1155,7 +1155,16 @@ def _finish(
     exported = []
     for r in front.to_dict("records"):
         path = export_dir / f"{exp.name}_trial{r['trial']}.yaml"
-        exported.append(export_arch(r, exp.tracking.experiment, path, selection="pareto", tracking_uri=uri))
+        exported.append(
+            export_arch(
+                r,
+                exp.tracking.experiment,
+                path,
+                selection="pareto",
+                tracking_uri=uri,
+                recipe=df.attrs.get("recipe"),
+            )
+        )
     if exported:
         client.log_artifacts(parent, str(export_dir), "exported")
     client.set_tag(parent, "hybridnas.front_size", str(len(front)))

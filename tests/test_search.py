@@ -178,6 +178,21 @@ def test_pareto_tags_and_measured_latency_mark_exactly_the_front(grid_search):
     assert values == sorted(values) and values[-1] > 0
 
 
+def test_exported_front_carries_the_search_recipe_and_retrains_with_it(grid_search, tmp_path, capsys):
+    exp, res, _, _ = grid_search
+    spec = ArchSpec.from_yaml(res.exported[0])
+    prov = spec.provenance
+    assert prov["data"] == {k: v for k, v in exp.data.__dict__.items() if v is not None}
+    assert prov["train"]["batch_size"] == exp.train.batch_size == 32 and prov["train"]["lr"] == exp.train.lr
+    assert "device" not in prov["train"] and "threads" not in prov["train"]  # the machine's, not the recipe's
+    out = tmp_path / "again"
+    assert cli.main(["train", str(res.exported[0]), "--epochs", "1", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    again = ArchSpec.from_yaml(out / "arch.yaml").provenance
+    assert again["train"]["batch_size"] == 32 and again["train"]["lr"] == exp.train.lr  # not the defaults
+    assert again["train"]["epochs"] == 1 and again["data"]["samples"] == 256
+
+
 def test_existing_output_directory_needs_resume(grid_search):
     exp, res, _, _ = grid_search
     with pytest.raises(SearchError, match="--resume"):
