@@ -850,6 +850,10 @@ def run_search(
             )
         uri = state["tracking_uri"]
     tr.check_tracking_uri(uri)
+    if address:  # joining a running cluster costs this machine nothing: fail before MLflow has a run
+        t = time.time()
+        init_ray(address)
+        timings["ray_init_s"] = time.time() - t
     from mlflow.exceptions import MlflowException
 
     try:
@@ -896,11 +900,7 @@ def run_search(
         )
         say(f"mlflow: experiment {exp.tracking.experiment!r}, search run {parent} at {tr.redact(uri)}")
 
-        timings["mlflow_s"] = time.time() - t_start
-        if address:  # joining a running cluster costs this machine nothing: fail fast if it is not there
-            t = time.time()
-            init_ray(address)
-            timings["ray_init_s"] = time.time() - t
+        timings["mlflow_s"] = time.time() - t_start - timings.get("ray_init_s", 0.0)
         # The latency table, while nothing else runs on this machine (a local Ray is not started yet).
         cal = calibrate_latency(exp.space, input_spec, exp.latency, seed=exp.search.seed)
         timings["latency_table_s"] = cal["seconds"]

@@ -240,6 +240,29 @@ def test_unreachable_tracking_server_fails_fast_with_exit_2(tmp_path, capsys):
     assert not (Path(exp.out_dir) / "state.json").exists()  # nothing started
 
 
+def test_a_cluster_that_cannot_be_joined_fails_with_exit_2_before_mlflow_has_a_run(tmp_path):
+    # A fresh process: this module's Ray is already up, and a search in a process with Ray running
+    # does not join anything. Port 1 on loopback: nothing listens (and without ray[client], Ray says so).
+    exp = _experiment(tmp_path, "nocluster", {"sampler": "random", "trials": 2})
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cli", "search", exp.path, "--address", "ray://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hybridnas: error: cannot join the Ray cluster at 'ray://127.0.0.1:1'")
+    assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(
+        f"sqlite:///{tmp_path}/mlflow.db"
+    ).search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()]
+    )
+    assert not (Path(exp.out_dir) / "state.json").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
