@@ -401,7 +401,8 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     train = float(re.search(r"training time ([\d.]+) s in all", out).group(1))
     overhead = float(re.search(r"/ wall = ([\d.]+)%", out).group(1))
     assert re.search(r"trials: 3 \(3 ok\)", out)
-    assert 0 < train / 2 < wall and overhead == pytest.approx(100 * (wall - train / 2) / wall, abs=0.3)
+    # wall and train are printed to 0.1 s: on a ~10 s search that rounding alone moves the share ~0.5 pp
+    assert 0 < train / 2 < wall and overhead == pytest.approx(100 * (wall - train / 2) / wall, abs=1.5)
     first = float(re.search(r"first trial started ([\d.]+) s after", out).group(1))
     assert 0 < first < wall
     assert "one-time, before the clock" in out and "units measured" in out
