@@ -97,19 +97,6 @@ def _shape(i: Any) -> str:
     return f"{i.channels}x{i.size}x{i.size} with {i.classes} classes"
 
 
-def _input_for(study: Any) -> Any:
-    from search_space.experiment import known_input
-    from search_space.spec import InputSpec
-
-    known = known_input(study.data)
-    if known is not None:
-        return known
-    from runners.search import _dataset
-
-    data = _dataset(dataclasses.asdict(study.data))
-    return InputSpec(channels=data.channels, size=data.size, classes=data.classes)
-
-
 def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
     """Finished child runs of the study by (variant, seed) key; unfinished ones are deleted."""
     from runners.tracking import FINISHED, child_runs
@@ -210,7 +197,9 @@ def run_ablation(
         raise AblationError(f"nothing to resume in {out} (no {STATE_FILE}); run without --resume")
 
     # Everything that can be wrong with the file is found before MLflow or Ray start.
-    input_spec = _input_for(study)
+    from runners.search import input_for
+
+    input_spec = input_for(study.data)
     measures = measure_variants(study, input_spec)
 
     uri = tr.resolve_tracking_uri(tracking_uri or (state or {}).get("tracking_uri") or study.tracking.uri)

@@ -683,15 +683,16 @@ class SearchResult:
     ui_command: str
 
 
-def _input_for(exp: Any) -> Any:
-    """The input the architectures get: known from the dataset name, else from loading it here."""
+def input_for(data_cfg: Any) -> Any:
+    """The input the architectures get from the `DataConfig` ``data_cfg`` (a search's or an
+    ablation's ``data:``): known from the dataset name, else from loading it here."""
     from search_space.experiment import known_input
     from search_space.spec import InputSpec
 
-    known = known_input(exp.data)
+    known = known_input(data_cfg)
     if known is not None:
         return known
-    data = _dataset(dataclasses.asdict(exp.data))
+    data = _dataset(dataclasses.asdict(data_cfg))
     return InputSpec(channels=data.channels, size=data.size, classes=data.classes)
 
 
@@ -840,7 +841,7 @@ def run_search(
             "the same settings, or start a fresh search with --out DIR"
         )
 
-    input_spec = _input_for(exp)  # may load the data here: a data error stops us before MLflow
+    input_spec = input_for(exp.data)  # may load the data here: a data error stops us before MLflow
     uri = tr.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
     if state:
         if tracking_uri and uri != state["tracking_uri"]:

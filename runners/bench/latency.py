@@ -27,21 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runners.bench import quickstart_path
 from runners.measure import LatencyTable, calibrate_table, latency, missing_units, predict_latency
 from search_space.errors import SpecError
 
-DEFAULT_EXPERIMENT = Path("experiments") / "quickstart.yaml"
-
 
 def _experiment_path(name: str | None) -> Path:
-    if name:
-        return Path(name)
-    if DEFAULT_EXPERIMENT.is_file():
-        return DEFAULT_EXPERIMENT
-    packaged = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"  # installed copy
-    if packaged.is_file():
-        return packaged
-    raise SpecError(str(DEFAULT_EXPERIMENT), "file not found; pass --experiment FILE")
+    return Path(name) if name else quickstart_path("pass --experiment FILE")
 
 
 def sample_architectures(

@@ -30,19 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from search_space.errors import SpecError
+from runners.bench import quickstart_path
 
-DEFAULT_EXPERIMENT = Path("experiments") / "quickstart.yaml"
 CONCURRENCY = 2
-
-
-def _quickstart() -> Path:
-    if DEFAULT_EXPERIMENT.is_file():
-        return DEFAULT_EXPERIMENT
-    packaged = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"  # installed copy
-    if packaged.is_file():
-        return packaged
-    raise SpecError(str(DEFAULT_EXPERIMENT), "file not found; run from the repository root")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -51,7 +41,9 @@ def main(args: argparse.Namespace) -> int:
 
     quick = bool(getattr(args, "quick", False))
     given = getattr(args, "experiment", None)
-    exp = Experiment.from_yaml(Path(given) if given else _quickstart())
+    exp = Experiment.from_yaml(
+        Path(given) if given else quickstart_path("run from the repository root or pass --experiment FILE")
+    )
     trials = getattr(args, "trials", None) or (4 if quick else exp.search.trials)
     epochs = getattr(args, "epochs", None) or (1 if quick else None)
     exp = apply_overrides(exp, trials=trials, epochs=epochs)
