@@ -503,7 +503,13 @@ def _html(t, y, x, front2, title, metrics) -> str:
 
 
 def write_fronts(
-    df: pd.DataFrame, objectives: Iterable[Any], out_dir: str | Path, title: str | None = None
+    df: pd.DataFrame,
+    objectives: Iterable[Any],
+    out_dir: str | Path,
+    title: str | None = None,
+    *,
+    csv: bool = True,
+    plots: bool = True,
 ) -> list[Path]:
     """Write ``pareto.csv`` and, for each pair of objectives, ``pareto_<a>_vs_<b>.png``/``.html``.
 
@@ -512,7 +518,9 @@ def write_fronts(
     CSV holds every feasible trial with its ``pareto`` flag and non-dominated ``rank``. In each plot
     ``a`` is on the y axis and ``b`` on the x axis; the front of that pair is connected as the
     attainment staircase and the front of all objectives is ringed. Files are written atomically.
-    Returns the written paths (CSV first).
+    Returns the written paths (CSV first). ``csv=False`` / ``plots=False`` leave out the CSV / the
+    plots (a search draws the plots while its Ray shuts down, and writes the CSV once the front's
+    latency is measured: the plots do not show it).
     """
     from runners.export import atomic_write
 
@@ -520,8 +528,8 @@ def write_fronts(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t = feasible_table(df, objs)
-    paths = [atomic_write(out / "pareto.csv", _csv_frame(t, objs).to_csv(index=False))]
-    if len(t) == 0:
+    paths = [atomic_write(out / "pareto.csv", _csv_frame(t, objs).to_csv(index=False))] if csv else []
+    if len(t) == 0 or not plots:
         return paths
     metrics = [m for m, _ in objs] + [
         c for c in ("val_acc", "macs", "params", "latency_ms") if c not in dict(objs)

@@ -48,7 +48,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,9 @@ def hybridnas_trial(config: dict) -> None:
     from ray import tune
 
     started = time.time()
+    # Whether this process had the trial's imports done before it got the trial (Ray's preloaded
+    # workers, or an earlier trial on the same actor): a cold one pays ~4 s of imports in the trial.
+    warm = all(m in sys.modules for m in WORKER_PRELOAD)
     replay = _replayed(config)
     if replay is not None:
         tune.report({**replay, "replayed": True})
@@ -140,6 +143,8 @@ def hybridnas_trial(config: dict) -> None:
         "started_at": started,
         "node_id": _node_id(),
         "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "warm_start": warm,
     }
     if not config["feasible"]:
         tune.report(
@@ -629,6 +634,58 @@ def _quiet_env() -> None:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
+# Imported by every worker process of a Ray started here, before it takes work (Ray's
+# ``preload_python_modules``): torch (with torch._dynamo, which the optimizers import on first
+# use), Tune's function-trainable machinery and this package's training path: about 4 s of imports
+# per process (on this 2-core machine) otherwise paid by the first trial on it.
+WORKER_PRELOAD = (
+    "torch",
+    "torch._dynamo",
+    "ray.tune.trainable.function_trainable",
+    "runners.search",
+    "runners.train",
+    "runners.data",
+    "search_space.build",
+)
+
+
+_LOCAL_RAY_SESSION: str | None = None  # the job id of the Ray that `init_ray` started in this process
+
+
+def _ray_started_here() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_job_id() == _LOCAL_RAY_SESSION
+
+
+@contextlib.contextmanager
+def _trial_actors_on_prestarted_workers(local: bool) -> Iterator[None]:
+    """Let Tune's trial actors run on the workers Ray prestarted (and preloaded) at ``ray.init``.
+
+    Tune gives its trial actors a runtime environment of a few environment variables
+    (``PL_DISABLE_FORK=1`` and some propagated from the driver: ray.tune.execution.class_cache).
+    Ray only hands an actor an idle worker of the same runtime environment, and it prestarts
+    workers with none, so every trial actor got a fresh process and imported torch again (measured:
+    the second slot's first trial started 7 s after Tune asked for it). For a Ray started by this
+    process the variables are already in every worker's environment (inherited from the driver),
+    so the trial actors can go without: the class cache's variable lists are emptied while Tune
+    runs. A cluster's workers do not inherit the driver's environment: left as Tune has it.
+    """
+    cache = None
+    if local:
+        with contextlib.suppress(ImportError):
+            from ray.tune.execution import class_cache as cache
+    if cache is None or not hasattr(cache, "DEFAULT_ENV_VARS") or not hasattr(cache, "ENV_VARS_TO_PROPAGATE"):
+        yield
+        return
+    saved = cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE
+    cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE = {}, set()
+    try:
+        yield
+    finally:
+        cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE = saved
+
+
 def init_ray(address: str | None = None) -> bool:
     """Start (or join) Ray unless this process already did (Ray then stays up until the process
     exits, so a second search reuses it). Returns True when started here."""
@@ -649,7 +706,17 @@ def init_ray(address: str | None = None) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise SearchError(f"cannot join the Ray cluster at {address!r}: {e}") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), **common)
+        # Ray starts one idle worker per CPU as soon as this driver connects; they import what a
+        # trial needs while the driver sets the search up, and Tune's trial actors take them (see
+        # `_trial_actors_on_prestarted_workers`): the first trials start without paying the imports.
+        os.environ.setdefault("PL_DISABLE_FORK", "1")  # what Tune gives its actors; inherited here
+        ray.init(
+            num_cpus=os.cpu_count(),
+            _system_config={"preload_python_modules": list(WORKER_PRELOAD)},
+            **common,
+        )
+        global _LOCAL_RAY_SESSION
+        _LOCAL_RAY_SESSION = ray.get_runtime_context().get_job_id()
     # Tune logs every failed trial with its traceback; the progress line and MLflow already say it.
     for name in ("ray", "ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -1024,7 +1091,8 @@ def run_search(
         _write_state(out, state)
         t = time.time()
         try:
-            grid_result = tuner.fit()
+            with _trial_actors_on_prestarted_workers(local=_ray_started_here()):
+                grid_result = tuner.fit()
             timings["tune_s"] = time.time() - t
         finally:
             if replays is not None:
@@ -1050,12 +1118,32 @@ def run_search(
         )
     else:
         t = time.time()
+        shutdown = None
         if started_ray:
-            # The front's latency is measured next, in this process. With the search's Ray still up
-            # the medians came out 30-70 % high (measured); a Ray that was running before the search
-            # (or a cluster) is left alone.
-            ray.shutdown()
-        front, exported, files = _finish(exp, client, uri, exp_id, parent, out, objectives, input_spec, say)
+            # The front's latency is measured in this process. With the search's Ray still up the
+            # medians came out 30-70 % high (measured), so a Ray started here is shut down first
+            # (in the background: it takes ~1.4 s, while the runs are read back from MLflow); a Ray
+            # that was running before the search (or a cluster) is left alone.
+            import threading
+
+            shutdown = threading.Thread(target=ray.shutdown, name="hybridnas-ray-shutdown")
+            shutdown.start()
+        try:
+            front, exported, files = _finish(
+                exp,
+                client,
+                uri,
+                exp_id,
+                parent,
+                out,
+                objectives,
+                input_spec,
+                say,
+                quiet=shutdown.join if shutdown is not None else None,
+            )
+        finally:
+            if shutdown is not None:
+                shutdown.join()
         timings["finish_s"] = time.time() - t
         state["finished"] = True
         _write_state(out, state)
@@ -1097,6 +1185,8 @@ def _trial_rows(grid_result: Any) -> list[dict]:
                     "started_at",
                     "node_id",
                     "hostname",
+                    "pid",
+                    "warm_start",
                     "replayed",
                     "error",
                 )
@@ -1145,8 +1235,13 @@ def _finish(
     objectives: list,
     input_spec: Any,
     say: Any,
+    quiet: Callable[[], Any] | None = None,
 ) -> tuple[Any, list[Path], list[Path]]:
-    """Measure the front, tag it, plot it, export it, log it all on the parent run."""
+    """Measure the front, tag it, plot it, export it, log it all on the parent run.
+
+    ``quiet()``, when given, returns once the machine is quiet enough to time the front (the
+    search's Ray has shut down); the runs are read back from MLflow before waiting for it.
+    """
     from runners.export import ExportError, export_arch, load_runs
     from runners.pareto import feasible_table, write_fronts
     from runners.tracking import front_tags, log_metrics
@@ -1158,6 +1253,10 @@ def _finish(
         return None, [], []
     t = feasible_table(df, objectives)
     front = t[t["pareto"]].reset_index(drop=True)
+    # The plots first (they do not show the measured latency): drawn while the search's Ray exits.
+    plots = write_fronts(df, objectives, out / "pareto", title=exp.name, csv=False)
+    if quiet is not None:
+        quiet()
     # End-to-end latency of the front, now that no trial competes for the cores.
     measured = front_latencies(
         {r["run_id"]: r["arch"] for r in front.to_dict("records")},
@@ -1169,7 +1268,7 @@ def _finish(
     df["latency_ms_measured"] = [measured.get(rid, math.nan) for rid in df["run_id"]]
     front["latency_ms_measured"] = [measured.get(rid, math.nan) for rid in front["run_id"]]
     front_tags(client, measured.keys(), df["run_id"])
-    files = write_fronts(df, objectives, out / "pareto", title=exp.name)
+    files = write_fronts(df, objectives, out / "pareto", plots=False) + plots
     for f in files:
         client.log_artifact(parent, str(f))
     export_dir = out / "exported"

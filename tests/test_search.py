@@ -124,6 +124,89 @@ def test_grid_search_runs_every_architecture_once_and_skips_infeasible_ones(grid
         assert c.info.status == "FINISHED"
     for c in ok:
         assert c.data.metrics["macs"] <= budget
+    # Every trial found its process with the imports done (Ray's preloaded workers), and the two
+    # slots kept their processes from trial to trial (reuse_actors).
+    assert all(t["warm_start"] for t in res.trials)
+    assert len({t["pid"] for t in res.trials}) <= exp.search.concurrency
+
+
+def test_tunes_trial_actors_carry_no_runtime_env_only_on_a_ray_started_here():
+    # Ray hands an actor a prestarted (preloaded) worker only if their runtime environments match;
+    # Tune's class cache gives trial actors a few environment variables, which the search lifts for
+    # a Ray whose workers inherit them anyway. Checked against the installed Ray's class cache.
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    from runners.search import _trial_actors_on_prestarted_workers
+
+    def env(cls: type) -> dict:
+        return _ActorClassCache().get(cls)._default_options.get("runtime_env") or {}
+
+    assert env(type("Before", (), {}))["env_vars"]["PL_DISABLE_FORK"] == "1"
+    with _trial_actors_on_prestarted_workers(local=True):
+        assert env(type("Local", (), {})) == {}
+    with _trial_actors_on_prestarted_workers(local=False):  # a cluster: workers do not inherit them
+        assert env(type("Cluster", (), {}))["env_vars"]["PL_DISABLE_FORK"] == "1"
+    assert env(type("After", (), {}))["env_vars"]["PL_DISABLE_FORK"] == "1"
+
+
+_PRESTART_PROBE = """
+import json, os, sys, time
+from pathlib import Path
+
+from ray import tune
+
+from runners.search import WORKER_PRELOAD, _ray_started_here, _trial_actors_on_prestarted_workers, init_ray
+
+
+def idle_workers():
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::IDLE"):
+                pids.add(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def probe(config):
+    tune.report({"pid": os.getpid(), "warm": all(m in sys.modules for m in WORKER_PRELOAD)})
+
+
+init_ray()
+deadline = time.time() + 60
+while len(idle_workers()) < 2 and time.time() < deadline:
+    time.sleep(0.1)
+prestarted = idle_workers()
+with _trial_actors_on_prestarted_workers(local=_ray_started_here()):
+    grid = tune.Tuner(
+        tune.with_resources(probe, {"cpu": 1}),
+        param_space={"i": tune.grid_search([0, 1])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=sys.argv[1], verbose=0),
+    ).fit()
+print(json.dumps({"prestarted": sorted(prestarted), "trials": [r.metrics for r in grid]}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists() or (os.cpu_count() or 1) < 2, reason="reads /proc")
+def test_trials_run_on_the_workers_ray_prestarted_with_their_imports_done(tmp_path):
+    import json
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", _PRESTART_PROBE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(got["prestarted"]) >= 2
+    assert all(t["warm"] for t in got["trials"])
+    assert {t["pid"] for t in got["trials"]} <= set(got["prestarted"])
 
 
 def test_parent_and_child_runs_nest_with_params_metrics_and_artifacts(grid_search):
