@@ -261,8 +261,10 @@ def run_ablation(
         import torch
 
         torch.set_num_threads(1)
-        init_ray(address)
+        init_ray(address, workers=study.concurrency)
         from ray import tune
+
+        from runners.search import _ray_started_here, _trial_actors_on_prestarted_workers
 
         callback = tr.MlflowSearchCallback(
             uri,
@@ -278,7 +280,11 @@ def run_ablation(
             tune.with_resources(ablation_trial, {"cpu": study.resources.cpu, "gpu": study.resources.gpu}),
             # A grid over complete trial configs: Tune runs each (variant, seed) once, in order.
             param_space={"trial": tune.grid_search(configs)},
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=study.concurrency),
+            # reuse_actors: one worker process per slot for the whole ablation (Ray's prestarted,
+            # preloaded ones on a local Ray), not a fresh process importing torch for every trial.
+            tune_config=tune.TuneConfig(
+                num_samples=1, max_concurrent_trials=study.concurrency, reuse_actors=True
+            ),
             run_config=tune.RunConfig(
                 name=f"ablation-{int(time.time())}",
                 storage_path=str(out / "ray"),
@@ -287,7 +293,8 @@ def run_ablation(
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
-        tuner.fit()
+        with _trial_actors_on_prestarted_workers(local=_ray_started_here()):
+            tuner.fit()
 
     results, counts = _results_from_mlflow(client, exp_id, parent)
     if not any(r["variant"] == "base" for r in results):

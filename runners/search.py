@@ -686,9 +686,14 @@ def _trial_actors_on_prestarted_workers(local: bool) -> Iterator[None]:
         cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE = saved
 
 
-def init_ray(address: str | None = None) -> bool:
+def init_ray(address: str | None = None, workers: int | None = None) -> bool:
     """Start (or join) Ray unless this process already did (Ray then stays up until the process
-    exits, so a second search reuses it). Returns True when started here."""
+    exits, so a second search reuses it). Returns True when started here.
+
+    ``workers`` (the trials that run at once) caps the worker processes a local Ray prestarts and
+    keeps idle (Ray's ``num_workers_soft_limit``; one per CPU otherwise): each one imports torch
+    (~300 MB) up front, which is waste beyond the trial slots on a many-core machine. More are
+    still started when needed."""
     _quiet_env()
     import ray
 
@@ -710,11 +715,10 @@ def init_ray(address: str | None = None) -> bool:
         # trial needs while the driver sets the search up, and Tune's trial actors take them (see
         # `_trial_actors_on_prestarted_workers`): the first trials start without paying the imports.
         os.environ.setdefault("PL_DISABLE_FORK", "1")  # what Tune gives its actors; inherited here
-        ray.init(
-            num_cpus=os.cpu_count(),
-            _system_config={"preload_python_modules": list(WORKER_PRELOAD)},
-            **common,
-        )
+        system: dict[str, Any] = {"preload_python_modules": list(WORKER_PRELOAD)}
+        if workers:
+            system["num_workers_soft_limit"] = max(1, min(int(workers), os.cpu_count() or 1))
+        ray.init(num_cpus=os.cpu_count(), _system_config=system, **common)
         global _LOCAL_RAY_SESSION
         _LOCAL_RAY_SESSION = ray.get_runtime_context().get_job_id()
     # Tune logs every failed trial with its traceback; the progress line and MLflow already say it.
@@ -996,7 +1000,7 @@ def run_search(
         started_ray = False
         if not address:
             t = time.time()
-            started_ray = init_ray(address)
+            started_ray = init_ray(address, workers=exp.search.concurrency)
             timings["ray_init_s"] = time.time() - t
         import ray
         from ray import tune

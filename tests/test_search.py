@@ -189,7 +189,9 @@ print(json.dumps({"prestarted": sorted(prestarted), "trials": [r.metrics for r i
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists() or (os.cpu_count() or 1) < 2, reason="reads /proc")
+@pytest.mark.skipif(
+    not Path("/proc/self/cmdline").exists() or (os.cpu_count() or 1) < 2, reason="reads /proc"
+)
 def test_trials_run_on_the_workers_ray_prestarted_with_their_imports_done(tmp_path):
     import json
 
@@ -489,6 +491,32 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     first = float(re.search(r"first trial started ([\d.]+) s after", out).group(1))
     assert 0 < first < wall
     assert "one-time, before the clock" in out and "units measured" in out
+
+
+def test_bench_search_by_default_runs_the_experiment_and_three_times_its_trials(
+    ray_local, tmp_path, capsys, monkeypatch
+):
+    import argparse
+    import re
+
+    from runners.bench import search as bench
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "bench2.yaml"
+    _experiment(tmp_path, "bench2", {"sampler": "random", "trials": 1, "concurrency": 2, "seed": 1})
+    assert bench.main(argparse.Namespace(experiment=str(path), trials=None, epochs=1, quick=False)) == 0
+    out = capsys.readouterr().out
+    assert [int(n) for n in re.findall(r"^bench search: bench2 on \S+, (\d+) trials", out, re.M)] == [1, 3]
+    shares = [float(x) for x in re.findall(r"/ wall = ([\d.]+)%", out)]
+    table = re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)%", out, re.M)
+    assert [int(t[0]) for t in table] == [1, 3] and [float(t[2]) for t in table] == shares
+    fixed, per = map(
+        float, re.search(r"= ([-\d.]+) s once per search \+ ([-\d.]+) s per trial", out).groups()
+    )
+    walls = [float(w) for w in re.findall(r"^  wall\s+([\d.]+)$", out, re.M)]
+    # the fitted line goes through both searches' overhead seconds (to the printed precision)
+    for n, share, wall in zip((1, 3), shares, walls):
+        assert fixed + per * n == pytest.approx(share / 100 * wall, abs=0.3)
 
 
 def test_trials_run_on_both_nodes_of_a_two_node_cluster(ray_local, tmp_path):
