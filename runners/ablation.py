@@ -264,7 +264,7 @@ def run_ablation(
         init_ray(address, workers=study.concurrency)
         from ray import tune
 
-        from runners.search import _ray_started_here, _trial_actors_on_prestarted_workers
+        from runners.search import _trial_actors_on_prestarted_workers
 
         callback = tr.MlflowSearchCallback(
             uri,
@@ -293,7 +293,7 @@ def run_ablation(
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
-        with _trial_actors_on_prestarted_workers(local=_ray_started_here()):
+        with _trial_actors_on_prestarted_workers():
             tuner.fit()
 
     results, counts = _results_from_mlflow(client, exp_id, parent)

@@ -659,7 +659,7 @@ def _ray_started_here() -> bool:
 
 
 @contextlib.contextmanager
-def _trial_actors_on_prestarted_workers(local: bool) -> Iterator[None]:
+def _trial_actors_on_prestarted_workers(local: bool | None = None) -> Iterator[None]:
     """Let Tune's trial actors run on the workers Ray prestarted (and preloaded) at ``ray.init``.
 
     Tune gives its trial actors a runtime environment of a few environment variables
@@ -672,6 +672,8 @@ def _trial_actors_on_prestarted_workers(local: bool) -> Iterator[None]:
     runs. A cluster's workers do not inherit the driver's environment: left as Tune has it.
     """
     cache = None
+    if local is None:  # the callers' case: is this the Ray `init_ray` started here?
+        local = _ray_started_here()
     if local:
         with contextlib.suppress(ImportError):
             from ray.tune.execution import class_cache as cache
@@ -1095,7 +1097,7 @@ def run_search(
         _write_state(out, state)
         t = time.time()
         try:
-            with _trial_actors_on_prestarted_workers(local=_ray_started_here()):
+            with _trial_actors_on_prestarted_workers():
                 grid_result = tuner.fit()
             timings["tune_s"] = time.time() - t
         finally:

@@ -14,3 +14,18 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """One local Ray per test module (started like a search starts it), and a private
+    latency-table cache."""
+    from runners.search import init_ray
+
+    os.environ["HYBRIDNAS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    import ray
+
+    if not ray.is_initialized():
+        init_ray()
+    yield ray
+    ray.shutdown()

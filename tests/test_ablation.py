@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -44,19 +43,6 @@ def _write(tmp: Path, name: str, **over) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    from runners.search import init_ray
-
-    os.environ["HYBRIDNAS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    import ray
-
-    if not ray.is_initialized():
-        init_ray()
-    yield ray
-    ray.shutdown()
 
 
 def test_ablation_logs_parent_and_tagged_children_and_a_table_matching_scipy(tmp_path, ray_local, capsys):

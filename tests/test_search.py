@@ -59,20 +59,6 @@ def _experiment(tmp: Path, name: str, search: dict, **over) -> Experiment:
     return Experiment.from_yaml(path)
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    """One local Ray for the module, and a private latency-table cache."""
-    from runners.search import init_ray
-
-    os.environ["HYBRIDNAS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    import ray
-
-    if not ray.is_initialized():
-        init_ray()
-    yield ray
-    ray.shutdown()
-
-
 def _children(client: MlflowClient, exp_name: str, parent: str) -> list:
     exp = client.get_experiment_by_name(exp_name)
     return child_runs(client, exp.experiment_id, parent)
@@ -155,7 +141,7 @@ from pathlib import Path
 
 from ray import tune
 
-from runners.search import WORKER_PRELOAD, _ray_started_here, _trial_actors_on_prestarted_workers, init_ray
+from runners.search import WORKER_PRELOAD, _trial_actors_on_prestarted_workers, init_ray
 
 
 def idle_workers():
@@ -178,7 +164,7 @@ deadline = time.time() + 60
 while len(idle_workers()) < 2 and time.time() < deadline:
     time.sleep(0.1)
 prestarted = idle_workers()
-with _trial_actors_on_prestarted_workers(local=_ray_started_here()):
+with _trial_actors_on_prestarted_workers():
     grid = tune.Tuner(
         tune.with_resources(probe, {"cpu": 1}),
         param_space={"i": tune.grid_search([0, 1])},
