@@ -1,3 +1,5 @@
 """Everything that runs: data, training, measuring, search, ablation, export and the CLI."""
 
-__version__ = "0.1.0"
+from hybridnas import __version__
+
+__all__ = ["__version__"]

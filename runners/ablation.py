@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from search_space.errors import SpecError, UserError
+from hybridnas.search_space.errors import SpecError, UserError
 
 STATE_FILE = "ablation_state.json"
 FILES = ("ablation.md", "ablation.csv", "ablation.tex", "ablation.png")
@@ -47,7 +47,7 @@ class AblationResult:
 
 def ablation_trial(config: dict) -> None:
     """The Tune trainable: the search's trainable on one (variant, seed) config."""
-    from runners.search import hybridnas_trial
+    from hybridnas.runners.search import hybridnas_trial
 
     hybridnas_trial(config["trial"])
 
@@ -64,8 +64,8 @@ def measure_variants(study: Any, input_spec: Any) -> dict[str, dict]:
     is measured end to end (`runners.measure.latency`, median of 50 runs) rather than predicted
     from the lookup table a search needs for thousands of candidates.
     """
-    from runners.measure import latency, profile_spec
-    from search_space.build import build_model
+    from hybridnas.runners.measure import latency, profile_spec
+    from hybridnas.search_space.build import build_model
 
     out = {}
     for v in study.variants:
@@ -99,7 +99,7 @@ def _shape(i: Any) -> str:
 
 def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
     """Finished child runs of the study by (variant, seed) key; unfinished ones are deleted."""
-    from runners.tracking import FINISHED, child_runs
+    from hybridnas.runners.tracking import FINISHED, child_runs
 
     done = {}
     for run in child_runs(client, exp_id, parent):
@@ -113,7 +113,7 @@ def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
 
 
 def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> str:
-    from runners.tracking import log_params
+    from hybridnas.runners.tracking import log_params
 
     run = client.create_run(
         exp_id,
@@ -146,7 +146,7 @@ def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> 
 
 
 def _results_from_mlflow(client: Any, exp_id: str, parent: str) -> tuple[list[dict], dict[str, int]]:
-    from runners.tracking import child_runs
+    from hybridnas.runners.tracking import child_runs
 
     results, counts = [], {"ok": 0, "failed": 0}
     for run in child_runs(client, exp_id, parent):
@@ -179,9 +179,9 @@ def run_ablation(
     stream: Any = None,
 ) -> AblationResult:
     """Train every (variant, seed) of ``study`` not finished yet, then write and log the table."""
-    from runners import ablation_table as at
-    from runners import tracking as tr
-    from runners.search import init_ray
+    from hybridnas.runners import ablation_table as at
+    from hybridnas.runners import tracking as tr
+    from hybridnas.runners.search import init_ray
 
     stream = stream or sys.stdout
     say = (lambda line: print(line, file=stream, flush=True)) if progress else (lambda line: None)
@@ -197,7 +197,7 @@ def run_ablation(
         raise AblationError(f"nothing to resume in {out} (no {STATE_FILE}); run without --resume")
 
     # Everything that can be wrong with the file is found before MLflow or Ray start.
-    from runners.search import input_for
+    from hybridnas.runners.search import input_for
 
     input_spec = input_for(study.data)
     measures = measure_variants(study, input_spec)
@@ -212,7 +212,7 @@ def run_ablation(
     else:
         out.mkdir(parents=True, exist_ok=True)
         parent = _start_parent(client, exp_id, study, out, uri)
-        from runners.export import atomic_write
+        from hybridnas.runners.export import atomic_write
 
         atomic_write(
             state_path,
@@ -262,9 +262,8 @@ def run_ablation(
 
         torch.set_num_threads(1)
         init_ray(address, workers=study.concurrency)
+        from hybridnas.runners.search import _trial_actors_on_prestarted_workers
         from ray import tune
-
-        from runners.search import _trial_actors_on_prestarted_workers
 
         callback = tr.MlflowSearchCallback(
             uri,
@@ -340,8 +339,8 @@ def _metric_key(s: str) -> str:
 
 
 def write_outputs(rows: list, out: Path, study: Any) -> list[Path]:
-    from runners import ablation_table as at
-    from runners.export import atomic_write
+    from hybridnas.runners import ablation_table as at
+    from hybridnas.runners.export import atomic_write
 
     title = f"{study.name}: {', '.join(p for p, _ in study.vary)} ({study.mode}, {len(study.seeds)} seeds)"
     out.mkdir(parents=True, exist_ok=True)
@@ -365,7 +364,7 @@ def _rel(p: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from search_space.ablation import AblationStudy
+    from hybridnas.search_space.ablation import AblationStudy
 
     seeds = None
     if args.seeds:

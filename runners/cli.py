@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from search_space.errors import UserError
+from hybridnas.search_space.errors import UserError
 
 
 def _handler(module: str, func: str = "main"):
@@ -23,14 +23,14 @@ def _handler(module: str, func: str = "main"):
 
 
 def _cmd_blocks(args: argparse.Namespace) -> int:
-    from blocks import describe
+    from hybridnas.blocks import describe
 
     print(describe())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from runners import __version__
+    from hybridnas import __version__
 
     p = argparse.ArgumentParser(
         prog="hybridnas",
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
     s.add_argument("--samples", type=int, default=3, help="how many architectures to sample and print")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_handler("runners.space_report"))
+    s.set_defaults(func=_handler("hybridnas.runners.space_report"))
 
     s = sub.add_parser("profile", help="MACs, params and (optionally) latency of an architecture, per stage")
     s.add_argument("arch", help="architecture YAML")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(func=_handler("runners.measure", "main_profile"))
+    s.set_defaults(func=_handler("hybridnas.runners.measure", "main_profile"))
 
     s = sub.add_parser("train", help="train one architecture (e.g. one exported from a search)")
     s.add_argument("arch", help="architecture YAML")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch CPU threads (default: all)")
     s.add_argument("--out", help="directory for the state dict and the arch YAML")
     s.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    s.set_defaults(func=_handler("runners.train"))
+    s.set_defaults(func=_handler("hybridnas.runners.train"))
 
     s = sub.add_parser("search", help="run an architecture search from an experiment file")
     s.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output directory (default: hybridnas_runs/<name>)")
     s.add_argument("--trials", type=int, help="override search.trials")
     s.add_argument("--epochs", type=int, help="override train.epochs")
-    s.set_defaults(func=_handler("runners.search"))
+    s.set_defaults(func=_handler("hybridnas.runners.search"))
 
     s = sub.add_parser("ablate", help="run an ablation study from an ablation file")
     s.add_argument("ablation", help="ablation YAML (e.g. experiments/ablation_mixer.yaml)")
@@ -98,20 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true")
     s.add_argument("--out")
     s.add_argument("--epochs", type=int, help="override train.epochs")
-    s.set_defaults(func=_handler("runners.ablation"))
+    s.set_defaults(func=_handler("hybridnas.runners.ablation"))
 
     s = sub.add_parser("export", help="write architecture YAML chosen from a finished search in MLflow")
     s.add_argument("--experiment", required=True, help="MLflow experiment name")
     s.add_argument("--tracking-uri")
     s.add_argument("--select", default="best_acc", help='best_acc | knee | pareto | "macs<=N" | "params<=N"')
     s.add_argument("--out", help="file (or directory for --select pareto)")
-    s.set_defaults(func=_handler("runners.export"))
+    s.set_defaults(func=_handler("hybridnas.runners.export"))
 
     s = sub.add_parser("pareto", help="Pareto front of a finished search: table, CSV and plots")
     s.add_argument("--experiment", required=True)
     s.add_argument("--tracking-uri")
     s.add_argument("--out", help="directory for pareto.csv/png/html")
-    s.set_defaults(func=_handler("runners.pareto"))
+    s.set_defaults(func=_handler("hybridnas.runners.pareto"))
 
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -122,22 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda v: [m for m in v.split(",") if m],
         help="comma-separated subset, e.g. acmix,slide",
     )
-    s.set_defaults(func=_handler("runners.bench.blocks"))
+    s.set_defaults(func=_handler("hybridnas.runners.bench.blocks"))
     s = bsub.add_parser("latency", help="latency lookup table: predicted vs measured")
     s.add_argument("--experiment", default=None, help="space to sample from (default: the quickstart)")
     s.add_argument("--samples", type=int, default=30)
     s.add_argument("--quick", action="store_true")
-    s.set_defaults(func=_handler("runners.bench.latency"))
+    s.set_defaults(func=_handler("hybridnas.runners.bench.latency"))
     s = bsub.add_parser("train", help="this trainer vs a textbook DataLoader loop")
     s.add_argument("--epochs", type=int, default=2)
     s.add_argument("--quick", action="store_true")
-    s.set_defaults(func=_handler("runners.bench.train"))
+    s.set_defaults(func=_handler("hybridnas.runners.bench.train"))
     s = bsub.add_parser("search", help="orchestration overhead of the quickstart search")
     s.add_argument("--experiment", default=None, help="experiment file (default: the quickstart)")
     s.add_argument("--trials", type=int, default=None, help="default: the experiment's")
     s.add_argument("--epochs", type=int, default=None, help="default: the experiment's")
     s.add_argument("--quick", action="store_true")
-    s.set_defaults(func=_handler("runners.bench.search"))
+    s.set_defaults(func=_handler("hybridnas.runners.bench.search"))
     return p
 
 

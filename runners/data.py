@@ -33,9 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-
-from search_space.config import DATASETS, DataConfig
-from search_space.errors import UserError, did_you_mean
+from hybridnas.search_space.config import DATASETS, DataConfig
+from hybridnas.search_space.errors import UserError, did_you_mean
 
 
 class DataError(UserError):

@@ -28,9 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
-
-from runners import __version__
-from runners.pareto import (
+from hybridnas.runners.pareto import (
     DEFAULT_OBJECTIVES,
     METRIC_COLUMNS,
     feasible_table,
@@ -39,7 +37,9 @@ from runners.pareto import (
     objective_pairs,
     trial_key,
 )
-from search_space.errors import UserError, did_you_mean
+from hybridnas.search_space.errors import UserError, did_you_mean
+
+from hybridnas import __version__
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 COLUMNS = ("run_id", "trial", "status", *METRIC_COLUMNS, "arch", "arch_hash", "parent_run_id")
@@ -176,9 +176,8 @@ def load_runs(
     Raises `ExportError` (a UserError) for an unknown experiment (listing those that exist), a
     missing search run, or no finished trials.
     """
+    from hybridnas.search_space.spec import ArchSpec
     from mlflow.exceptions import MlflowException
-
-    from search_space.spec import ArchSpec
 
     client, uri = _client(tracking_uri)
     try:
@@ -381,7 +380,7 @@ def export_arch(
     ``recipe`` (`search_recipe`, ``df.attrs["recipe"]``) adds ``provenance.data`` and
     ``provenance.train``, so `hybridnas train FILE` retrains it on the search's data and recipe.
     """
-    from search_space.spec import ArchSpec
+    from hybridnas.search_space.spec import ArchSpec
 
     arch = _get(row, "arch")
     if not isinstance(arch, ArchSpec):
@@ -416,7 +415,7 @@ def slug(text: str) -> str:
 
 
 def _describe(row: Mapping[str, Any]) -> str:
-    from runners.pareto import arch_summary
+    from hybridnas.runners.pareto import arch_summary
 
     parts = [
         f"{k} {human(row.get(k), k)}"

@@ -60,10 +60,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hybridnas.search_space.errors import UserError
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-
-from search_space.errors import UserError
 
 aten = torch.ops.aten
 
@@ -226,7 +225,7 @@ def profile_spec(spec: Any) -> dict[str, Any]:
     mixer, resolution, channels, depth, macs, params}, ...]}``; stage indices are 0-based as in
     spec paths, and a stage's numbers include its downsampler.
     """
-    from search_space.build import build_model
+    from hybridnas.search_space.build import build_model
 
     model = build_model(spec)
     inp = spec.input
@@ -541,11 +540,12 @@ def _code_version() -> str:
 
     Computed once per process: the code that runs is the code that was imported.
     """
-    import blocks
-    import search_space.build
+    from hybridnas.search_space import build
+
+    from hybridnas import blocks
 
     h = hashlib.sha1()
-    for path in sorted(Path(blocks.__file__).parent.glob("*.py")) + [Path(search_space.build.__file__)]:
+    for path in sorted(Path(blocks.__file__).parent.glob("*.py")) + [Path(build.__file__)]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:10]
@@ -585,7 +585,7 @@ class Unit:
 
 
 def _opts_key(name: str, opts: Mapping[str, Any]) -> str:
-    from blocks import MIXERS
+    from hybridnas.blocks import MIXERS
 
     # Defaults resolved, so "heads: 4" written out and left to default share one entry.
     full = {**MIXERS[name].options, **dict(opts)}
@@ -597,7 +597,7 @@ def spec_units(spec: Any, batch_size: int = 1) -> list[Unit]:
 
     A stage's identity downsample is not a unit; a width-only change (1x1 projection) is.
     """
-    from search_space.build import block_mixers
+    from hybridnas.search_space.build import block_mixers
 
     def shape(c: int, side: int) -> tuple[int, int, int, int]:
         return (batch_size, c, side, side)
@@ -706,7 +706,7 @@ def measure_in_context(
     summary of the plain network, "overhead_ms": float}``; a unit key that occurs more than once
     (depth > 1) gets the average of its occurrences and pools their samples.
     """
-    from search_space.build import build_model
+    from hybridnas.search_space.build import build_model
 
     if not isinstance(runs, int) or runs < 20:
         raise MeasureError(f"runs must be an integer >= 20, got {runs!r}")
@@ -863,7 +863,7 @@ def measure_end_to_end(
 ) -> float:
     """Time ``build_model(spec)`` end to end (`latency`) and keep it in ``table`` with its units, for
     `fit_table`; an architecture already there is not timed again. Returns the median (ms)."""
-    from search_space.build import build_model
+    from hybridnas.search_space.build import build_model
 
     dev, dt = _resolve_device(device), _resolve_dtype(dtype)
     context = _context_key(dev, batch_size, threads, dt, clock)
@@ -1058,8 +1058,8 @@ def _latency_shares(spec: Any, device: str, batch_size: int, threads: int) -> di
 
 def main_profile(args: argparse.Namespace) -> int:
     """``hybridnas profile ARCH.yaml [--latency] [--json] [--device] [--batch-size] [--threads]``."""
-    from search_space.build import build_model
-    from search_space.spec import ArchSpec
+    from hybridnas.search_space.build import build_model
+    from hybridnas.search_space.spec import ArchSpec
 
     spec = ArchSpec.from_yaml(Path(args.arch))  # a path, always: a missing file is a SpecError
     prof = profile_spec(spec)

@@ -522,7 +522,7 @@ def write_fronts(
     plots (a search draws the plots while its Ray shuts down, and writes the CSV once the front's
     latency is measured: the plots do not show it).
     """
-    from runners.export import atomic_write
+    from hybridnas.runners.export import atomic_write
 
     objs = objective_pairs(objectives)
     out = Path(out_dir)
@@ -546,7 +546,7 @@ def write_fronts(
 
 def main(args: argparse.Namespace) -> int:
     """`hybridnas pareto --experiment NAME [--tracking-uri URI] [--out DIR]`."""
-    from runners.export import load_runs, slug
+    from hybridnas.runners.export import load_runs, slug
 
     df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
     objectives = df.attrs.get("objectives") or list(DEFAULT_OBJECTIVES)

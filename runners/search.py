@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from search_space.errors import SpecError, UserError
+from hybridnas.search_space.errors import SpecError, UserError
 
 STATE_FILE = "state.json"
 TUNE_DIR = "tune"
@@ -77,8 +77,8 @@ _DATA_CACHE: dict[str, Any] = {}  # per worker process; reuse_actors keeps the p
 def _dataset(data_cfg: Mapping[str, Any]) -> Any:
     key = json.dumps(dict(data_cfg), sort_keys=True, default=str)
     if key not in _DATA_CACHE:
-        from runners.data import load_dataset
-        from search_space.config import DataConfig
+        from hybridnas.runners.data import load_dataset
+        from hybridnas.search_space.config import DataConfig
 
         _DATA_CACHE.clear()  # one dataset per search; do not hold two in memory
         _DATA_CACHE[key] = load_dataset(DataConfig.from_dict(dict(data_cfg)))
@@ -153,9 +153,9 @@ def hybridnas_trial(config: dict) -> None:
         return
     epoch, t_train = 0, None
     try:
-        from runners.train import train_model
-        from search_space.config import TrainConfig
-        from search_space.spec import ArchSpec
+        from hybridnas.runners.train import train_model
+        from hybridnas.search_space.config import TrainConfig
+        from hybridnas.search_space.spec import ArchSpec
 
         if config.get("build_error"):
             raise RuntimeError(
@@ -230,7 +230,7 @@ def _violations(measures: Mapping[str, float], constraints: Mapping[str, Any]) -
 
 
 def _describe_violations(measures: Mapping[str, float], constraints: Mapping[str, Any]) -> str:
-    from runners.pareto import human
+    from hybridnas.runners.pareto import human
 
     parts = []
     for metric, b in constraints.items():
@@ -279,9 +279,9 @@ class ArchSuggester:
 
     def _lazy(self) -> None:
         if self._space is None:
-            from runners.measure import LatencyTable
-            from search_space.space import SearchSpace
-            from search_space.spec import InputSpec
+            from hybridnas.runners.measure import LatencyTable
+            from hybridnas.search_space.space import SearchSpace
+            from hybridnas.search_space.spec import InputSpec
 
             self._input = InputSpec.from_dict(self.input_dict)
             self._space = SearchSpace.from_dict(self.space_dict, input=self._input)
@@ -289,7 +289,7 @@ class ArchSuggester:
 
     def measures(self, spec: Any) -> dict[str, float]:
         """MACs, flops, params (exact counts) and the predicted latency of ``spec``."""
-        from runners.measure import predict_latency, profile_spec
+        from hybridnas.runners.measure import predict_latency, profile_spec
 
         self._lazy()
         prof = profile_spec(spec)
@@ -528,8 +528,13 @@ def calibrate_latency(
     Returns ``{"units", "measured", "timed", "fit", "seconds", "path", "broken"}``.
     """
     import optuna
-
-    from runners.measure import LatencyTable, _context_key, _resolve_device, _resolve_dtype, calibrate_table
+    from hybridnas.runners.measure import (
+        LatencyTable,
+        _context_key,
+        _resolve_device,
+        _resolve_dtype,
+        calibrate_table,
+    )
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
@@ -587,7 +592,7 @@ def _read_state(out: Path) -> dict | None:
 
 
 def _write_state(out: Path, state: dict) -> None:
-    from runners.export import atomic_write
+    from hybridnas.runners.export import atomic_write
 
     atomic_write(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
@@ -642,10 +647,10 @@ WORKER_PRELOAD = (
     "torch",
     "torch._dynamo",
     "ray.tune.trainable.function_trainable",
-    "runners.search",
-    "runners.train",
-    "runners.data",
-    "search_space.build",
+    "hybridnas.runners.search",
+    "hybridnas.runners.train",
+    "hybridnas.runners.data",
+    "hybridnas.search_space.build",
 )
 
 
@@ -688,6 +693,31 @@ def _trial_actors_on_prestarted_workers(local: bool | None = None) -> Iterator[N
         cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE = saved
 
 
+def _package_for_cluster() -> str:
+    """The ``hybridnas`` package as one folder that Ray can ship to a cluster's nodes.
+
+    Installed from a wheel, that is the package's own folder. In an editable install the
+    subpackages live in the repository's top-level folders, so they are copied into one temporary
+    ``hybridnas/`` tree (Python sources and the example files only)."""
+    import importlib
+    import shutil
+    import tempfile
+
+    import hybridnas
+
+    root = Path(hybridnas.__file__).parent
+    subs = ("blocks", "search_space", "runners", "experiments")
+    if all((root / s / "__init__.py").is_file() for s in subs):
+        return str(root)
+    stage = Path(tempfile.mkdtemp(prefix="hybridnas-ship-")) / "hybridnas"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(root, stage, ignore=ignore)
+    for sub in subs:
+        src = Path(importlib.import_module(f"hybridnas.{sub}").__path__[0])
+        shutil.copytree(src, stage / sub, ignore=ignore, dirs_exist_ok=True)
+    return str(stage)
+
+
 def init_ray(address: str | None = None, workers: int | None = None) -> bool:
     """Start (or join) Ray unless this process already did (Ray then stays up until the process
     exits, so a second search reuses it). Returns True when started here.
@@ -703,13 +733,9 @@ def init_ray(address: str | None = None, workers: int | None = None) -> bool:
         return False
     common = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     if address:
-        import blocks
-        import runners
-        import search_space
-
         try:
             # Ship this package's code with the job: nodes need only the dependencies installed.
-            ray.init(address=address, runtime_env={"py_modules": [blocks, search_space, runners]}, **common)
+            ray.init(address=address, runtime_env={"py_modules": [_package_for_cluster()]}, **common)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise SearchError(f"cannot join the Ray cluster at {address!r}: {e}") from None
     else:
@@ -759,8 +785,8 @@ class SearchResult:
 def input_for(data_cfg: Any) -> Any:
     """The input the architectures get from the `DataConfig` ``data_cfg`` (a search's or an
     ablation's ``data:``): known from the dataset name, else from loading it here."""
-    from search_space.experiment import known_input
-    from search_space.spec import InputSpec
+    from hybridnas.search_space.experiment import known_input
+    from hybridnas.search_space.spec import InputSpec
 
     known = known_input(data_cfg)
     if known is not None:
@@ -770,7 +796,7 @@ def input_for(data_cfg: Any) -> Any:
 
 
 def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> str:
-    from runners.tracking import log_params
+    from hybridnas.runners.tracking import log_params
 
     objectives = [[o.metric, o.mode] for o in exp.objectives]
     run = client.create_run(
@@ -815,7 +841,7 @@ def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> st
 def _parent_guard(client: Any, run_id: str) -> Iterator[None]:
     """The parent run ends KILLED on Ctrl-C (a second one, or before Tune's loop), FAILED with the
     error on anything else, never stuck in RUNNING."""
-    from runners.tracking import set_tags
+    from hybridnas.runners.tracking import set_tags
 
     try:
         yield
@@ -832,7 +858,7 @@ def _parent_guard(client: Any, run_id: str) -> Iterator[None]:
 
 def _replays_from_mlflow(client: Any, exp_id: str, parent: str) -> tuple[dict[str, dict], dict[str, dict]]:
     """Results and Optuna parameters of the finished trials of a search, by architecture hash."""
-    from runners.tracking import FINAL_METRICS, FINISHED, child_runs
+    from hybridnas.runners.tracking import FINAL_METRICS, FINISHED, child_runs
 
     results, params = {}, {}
     for run in child_runs(client, exp_id, parent):
@@ -890,7 +916,7 @@ def run_search(
     a search (without ``resume``), nothing to resume, an experiment changed since, an unusable
     tracking store or an unreachable cluster - all before any trial runs.
     """
-    from runners import tracking as tr
+    from hybridnas.runners import tracking as tr
 
     stream = stream or sys.stdout
     say = (lambda line: print(line, file=stream, flush=True)) if progress else (lambda line: None)
@@ -1212,8 +1238,8 @@ def front_latencies(archs: Mapping[str, Any], input_size: Sequence[int], lat: An
     ``FRONT_ROUNDS`` rounds of 30 runs, the rounds interleaved across members (a burst lands on one
     round of several members, not on all rounds of one), and its latency is the lowest round median.
     """
-    from runners.measure import latency
-    from search_space.build import build_model
+    from hybridnas.runners.measure import latency
+    from hybridnas.search_space.build import build_model
 
     models = {k: build_model(a) for k, a in archs.items()}
     best: dict[str, float] = {}
@@ -1248,9 +1274,9 @@ def _finish(
     ``quiet()``, when given, returns once the machine is quiet enough to time the front (the
     search's Ray has shut down); the runs are read back from MLflow before waiting for it.
     """
-    from runners.export import ExportError, export_arch, load_runs
-    from runners.pareto import feasible_table, write_fronts
-    from runners.tracking import front_tags, log_metrics
+    from hybridnas.runners.export import ExportError, export_arch, load_runs
+    from hybridnas.runners.pareto import feasible_table, write_fronts
+    from hybridnas.runners.tracking import front_tags, log_metrics
 
     try:
         df = load_runs(exp.tracking.experiment, uri, parent_run_id=parent)
@@ -1306,7 +1332,7 @@ def _finish(
 
 def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
     """The Pareto front as a fixed-width table: objectives, then the other metrics, then the architecture."""
-    from runners.pareto import arch_summary, human
+    from hybridnas.runners.pareto import arch_summary, human
 
     metrics = [m for m, _ in objectives]
     for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_measured"):
@@ -1332,7 +1358,7 @@ def _rel(path: Path) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """`hybridnas search FILE [--tracking-uri URI] [--address A] [--resume] [--out DIR] [--trials N] [--epochs N]`."""
-    from search_space.experiment import Experiment
+    from hybridnas.search_space.experiment import Experiment
 
     exp = Experiment.from_yaml(args.experiment)
     exp = apply_overrides(exp, getattr(args, "trials", None), getattr(args, "epochs", None))

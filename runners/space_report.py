@@ -12,8 +12,8 @@ import sys
 import warnings
 from typing import Any
 
-from search_space import ArchSpec, Experiment
-from search_space.errors import SpecError
+from hybridnas.search_space import ArchSpec, Experiment
+from hybridnas.search_space.errors import SpecError
 
 
 def human(n: float | None) -> str:
@@ -29,7 +29,7 @@ def human(n: float | None) -> str:
 def _profiler():
     """`runners.measure.profile_spec`, or None where it is not available (reported, never fatal)."""
     try:
-        from runners.measure import profile_spec
+        from hybridnas.runners.measure import profile_spec
     except ImportError as e:
         return None, f"MACs unavailable: {e}"
     return profile_spec, None

@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hybridnas.search_space.errors import UserError
 from ray.tune import Callback
-
-from search_space.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Metrics a trial reports once, at its end (val_acc also per epoch).
@@ -251,7 +250,7 @@ def headline(error: str) -> str:
 
 
 def _human(value: Any, metric: str) -> str:
-    from runners.pareto import human
+    from hybridnas.runners.pareto import human
 
     return human(value, metric)
 
@@ -351,7 +350,7 @@ class MlflowSearchCallback(Callback):
 
     def setup(self, **info: Any) -> None:
         """Rebuild the bookkeeping of a resumed search from MLflow (the source of truth)."""
-        from runners.pareto import HypervolumeTracker
+        from hybridnas.runners.pareto import HypervolumeTracker
 
         self._t0 = time.monotonic()
         client = self.client
@@ -383,7 +382,7 @@ class MlflowSearchCallback(Callback):
         tid = trial.trial_id
         if tid in self._done or tid in self._runs:
             return  # finished before a resume (Tune replays it), or a retry after a worker failure
-        from search_space.spec import ArchSpec
+        from hybridnas.search_space.spec import ArchSpec
 
         cfg = trial_config(trial)
         adopted = self._by_hash.get(cfg.get("run_key") or cfg.get("arch_hash", ""))

@@ -40,16 +40,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hybridnas.search_space.config import DataConfig, TrainConfig
+from hybridnas.search_space.errors import SpecError, UserError
 from torch import nn
 
-from search_space.config import DataConfig, TrainConfig
-from search_space.errors import SpecError, UserError
+from hybridnas import __version__
 
-from . import __version__
 from .data import Dataset, DataShape, expected_shape, load_dataset
 
 if TYPE_CHECKING:
-    from search_space.spec import ArchSpec
+    from hybridnas.search_space.spec import ArchSpec
 
 MACHINE_KEYS = ("device", "threads")  # TrainConfig keys that describe a machine, not a recipe
 EVAL_BATCH = 1024  # inference needs no activations for backward: large batches amortise overhead
@@ -285,7 +285,7 @@ def train_model(
     ``val_acc``, ``imgs_per_s`` and ``epoch_time_s``; ``progress(step, steps)`` after each batch.
     Raises `TrainingDiverged` when the loss stops being finite.
     """
-    from search_space.build import build_model
+    from hybridnas.search_space.build import build_model
 
     check_compatible(spec, data)
     dev = resolve_device(device if device is not None else cfg.device)
@@ -527,7 +527,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """`hybridnas train ARCH.yaml [--data NAME] [--root DIR] [--epochs N] ... [--out DIR] [--json]`."""
-    from search_space.spec import ArchSpec
+    from hybridnas.search_space.spec import ArchSpec
 
     from .measure import profile
 

@@ -14,10 +14,9 @@ regular and shifted windows and always ends on a shifted block, so depth 2 is (W
 from __future__ import annotations
 
 import torch
+from hybridnas.blocks import MIXERS, Block, build_downsample
+from hybridnas.blocks.block import make_norm
 from torch import nn
-
-from blocks import MIXERS, Block, build_downsample
-from blocks.block import make_norm
 
 from .errors import SpecError
 from .spec import ArchSpec, StageSpec, key_path

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from blocks import ADDONS, DOWNSAMPLES, MIXERS
+from hybridnas.blocks import ADDONS, DOWNSAMPLES, MIXERS
 
 from .errors import SpecError
 from .spec import (

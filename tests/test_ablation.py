@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hybridnas.runners import cli
+from hybridnas.runners.ablation import run_ablation
+from hybridnas.runners.tracking import child_runs
+from hybridnas.search_space.ablation import AblationStudy
 from mlflow import MlflowClient
 from scipy import stats
-
-from runners import cli
-from runners.ablation import run_ablation
-from runners.tracking import child_runs
-from search_space.ablation import AblationStudy
 
 pytestmark = pytest.mark.slow
 

@@ -1,9 +1,8 @@
 from pathlib import Path
 
 import pytest
-
-from search_space.ablation import AblationStudy
-from search_space.errors import SpecError
+from hybridnas.search_space.ablation import AblationStudy
+from hybridnas.search_space.errors import SpecError
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 BASE = {

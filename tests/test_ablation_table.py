@@ -2,9 +2,16 @@ import math
 
 import numpy as np
 import pytest
+from hybridnas.runners.ablation_table import (
+    build_table,
+    plot,
+    to_latex,
+    to_markdown,
+    to_text,
+    welch,
+    write_csv,
+)
 from scipy import stats
-
-from runners.ablation_table import build_table, plot, to_latex, to_markdown, to_text, welch, write_csv
 
 
 def _results(values: dict[str, list[float]]) -> list[dict]:

@@ -8,10 +8,10 @@ import re
 
 import pytest
 import torch
+from hybridnas.runners.bench import blocks as bench
 from torch import nn
 
-import blocks
-from runners.bench import blocks as bench
+from hybridnas import blocks
 
 NUMBER = r"[-+]?\d+(?:\.\d+)?"
 

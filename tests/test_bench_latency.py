@@ -11,10 +11,9 @@ import re
 from pathlib import Path
 
 import pytest
-
-from runners.bench import latency as bench
-from search_space import Experiment
-from search_space.errors import SpecError
+from hybridnas.runners.bench import latency as bench
+from hybridnas.search_space import Experiment
+from hybridnas.search_space.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 

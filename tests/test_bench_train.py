@@ -10,12 +10,11 @@ import copy
 import re
 
 import torch
-
-from runners.bench import train as bench
-from runners.data import load_dataset
-from search_space.build import build_model
-from search_space.config import DataConfig, TrainConfig
-from search_space.spec import ArchSpec
+from hybridnas.runners.bench import train as bench
+from hybridnas.runners.data import load_dataset
+from hybridnas.search_space.build import build_model
+from hybridnas.search_space.config import DataConfig, TrainConfig
+from hybridnas.search_space.spec import ArchSpec
 
 TINY = """
 input: {channels: 1, size: 8, classes: 10}

@@ -5,11 +5,10 @@ equivariance, the unfold reference, MACs and option checks."""
 import pytest
 import torch
 import torch.nn.functional as F
-
-from blocks import build_mixer
-from blocks.acmix import ACmix
-from runners.bench.blocks import unfold_local_attention
-from runners.measure import profile
+from hybridnas.blocks import build_mixer
+from hybridnas.blocks.acmix import ACmix
+from hybridnas.runners.bench.blocks import unfold_local_attention
+from hybridnas.runners.measure import profile
 
 SIZES = [(1, 1), (3, 5), (7, 7), (28, 28)]
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hybridnas.blocks import ADDONS, DOWNSAMPLES, MIXERS, Block, describe, reparameterize
+from hybridnas.blocks.block import DropPath, make_norm
+from hybridnas.blocks.conv import ConvDownsample, ConvMixer
+from hybridnas.blocks.coord_attn import CoordAttention
+from hybridnas.blocks.deform import DeformConv
+from hybridnas.blocks.gc import ContextBlock
+from hybridnas.blocks.spd import SPDConv, space_to_depth
 from torch import nn
-
-from blocks import ADDONS, DOWNSAMPLES, MIXERS, Block, describe, reparameterize
-from blocks.block import DropPath, make_norm
-from blocks.conv import ConvDownsample, ConvMixer
-from blocks.coord_attn import CoordAttention
-from blocks.deform import DeformConv
-from blocks.gc import ContextBlock
-from blocks.spd import SPDConv, space_to_depth
 
 SIZES = [(1, 1), (3, 5), (7, 7), (28, 28)]
 MINE = {

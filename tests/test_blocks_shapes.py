@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from blocks import (
+from hybridnas.blocks import (
     ADDONS,
     ATTENTION_MIXERS,
     DOWNSAMPLES,

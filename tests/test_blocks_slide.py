@@ -1,15 +1,14 @@
 """Slide attention and the shared local-attention kernel: shapes, exactness against the unfold
 reference, re-parameterisation, global-attention equivalence, receptive field, equivariance, MACs."""
 
+import hybridnas.blocks.slide as slide
 import pytest
 import torch
 import torch.nn.functional as F
-
-import blocks.slide as slide
-from blocks import build_mixer, reparameterize
-from blocks.slide import SlideAttention, local_attention
-from runners.bench.blocks import unfold_local_attention
-from runners.measure import profile
+from hybridnas.blocks import build_mixer, reparameterize
+from hybridnas.blocks.slide import SlideAttention, local_attention
+from hybridnas.runners.bench.blocks import unfold_local_attention
+from hybridnas.runners.measure import profile
 
 SIZES = [(1, 1), (3, 5), (7, 7), (28, 28)]
 

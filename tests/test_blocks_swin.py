@@ -3,8 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from blocks.swin import PatchMerging, ShiftedWindowAttention, WindowAttention
+from hybridnas.blocks.swin import PatchMerging, ShiftedWindowAttention, WindowAttention
 
 SIZES = [(1, 1), (3, 5), (7, 7), (28, 28)]
 
@@ -45,7 +44,7 @@ def _reference(mod, x: torch.Tensor, m: int, s: int) -> torch.Tensor:
 @pytest.fixture(params=[False, True], ids=["matmul", "sdpa"])
 def kernel(request, monkeypatch):
     """Run a test with both attention kernels (the CPU default is matmul, GPUs use SDPA)."""
-    from blocks import swin
+    from hybridnas.blocks import swin
 
     monkeypatch.setattr(swin._WindowMSA, "use_sdpa", request.param)
     return request.param

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hybridnas.runners import data as data_mod
+from hybridnas.runners.data import Archive, DataError, expected_shape, load_dataset, stratified_split
+from hybridnas.search_space.config import DataConfig
+from hybridnas.search_space.errors import UserError
 from PIL import Image
-
-from runners import data as data_mod
-from runners.data import Archive, DataError, expected_shape, load_dataset, stratified_split
-from search_space.config import DataConfig
-from search_space.errors import UserError
 
 
 def _check_tensors(ds, channels: int, size: int) -> None:

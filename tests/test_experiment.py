@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from runners.cli import main as cli
-from search_space import Bound, Experiment, InputSpec, Objective, SpecError, known_input
-from search_space.config import DataConfig
+from hybridnas.runners.cli import main as cli
+from hybridnas.search_space import Bound, Experiment, InputSpec, Objective, SpecError, known_input
+from hybridnas.search_space.config import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT_FILES = [

@@ -10,12 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from PIL import Image
-
-from runners import cli
-from runners.export import (
+from hybridnas.runners import cli
+from hybridnas.runners.export import (
     COLUMNS,
     ExportError,
     atomic_write,
@@ -25,9 +21,12 @@ from runners.export import (
     redact_uri,
     select,
 )
-from runners.measure import profile_spec
-from runners.pareto import knee, non_dominated
-from search_space.spec import ArchSpec
+from hybridnas.runners.measure import profile_spec
+from hybridnas.runners.pareto import knee, non_dominated
+from hybridnas.search_space.spec import ArchSpec
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from PIL import Image
 
 OBJECTIVES = [["val_acc", "max"], ["macs", "min"], ["params", "min"]]
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from blocks import Block, build_addon, build_downsample, build_mixer, reparameterize
-from runners.measure import profile
+from hybridnas.blocks import Block, build_addon, build_downsample, build_mixer, reparameterize
+from hybridnas.runners.measure import profile
 
 C, H, W = 32, 14, 14
 HW = H * W

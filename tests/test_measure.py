@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
-from runners.measure import (
+from hybridnas.runners.measure import (
     MIN_FIT_ARCHS,
     LatencyTable,
     MeasureError,
@@ -31,6 +28,8 @@ from runners.measure import (
     spec_units,
     unit_latencies,
 )
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 class Lambda(nn.Module):
@@ -235,7 +234,7 @@ stages:
 
 @pytest.fixture
 def tiny_spec():
-    from search_space.spec import ArchSpec
+    from hybridnas.search_space.spec import ArchSpec
 
     return ArchSpec.from_yaml(TINY)
 
@@ -447,7 +446,7 @@ def test_measure_in_context_times_every_unit_inside_the_network(tiny_spec):
 
 
 def test_profile_spec_stages_add_up_to_the_total(tiny_spec):
-    from search_space.build import build_model
+    from hybridnas.search_space.build import build_model
 
     prof = profile_spec(tiny_spec)
     whole = profile(build_model(tiny_spec), (1, 8, 8))
@@ -462,7 +461,7 @@ def test_profile_spec_stages_add_up_to_the_total(tiny_spec):
 
 
 def run_cli(argv, capsys):
-    from runners.cli import main
+    from hybridnas.runners.cli import main
 
     rc = main(argv)
     captured = capsys.readouterr()

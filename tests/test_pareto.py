@@ -10,9 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
-from runners.pareto import (
+from hybridnas.runners.pareto import (
     HypervolumeTracker,
     feasible_table,
     front_table,
@@ -23,6 +21,7 @@ from runners.pareto import (
     reference_point,
     write_fronts,
 )
+from PIL import Image
 
 MODE_SETS = [
     ["min", "min"],

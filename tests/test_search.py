@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hybridnas.runners import cli
+from hybridnas.runners.pareto import non_dominated
+from hybridnas.runners.search import SearchError, run_search
+from hybridnas.runners.tracking import child_runs
+from hybridnas.search_space.experiment import Experiment
+from hybridnas.search_space.spec import ArchSpec
 from mlflow import MlflowClient
-
-from runners import cli
-from runners.pareto import non_dominated
-from runners.search import SearchError, run_search
-from runners.tracking import child_runs
-from search_space.experiment import Experiment
-from search_space.spec import ArchSpec
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +73,7 @@ def _status(run) -> str:
 @pytest.fixture(scope="module")
 def grid_search(ray_local, tmp_path_factory):
     """A grid search over every architecture of a small space, some of them over the MACs budget."""
-    from runners.measure import profile_spec
+    from hybridnas.runners.measure import profile_spec
 
     tmp = tmp_path_factory.mktemp("grid")
     space = {
@@ -120,9 +119,8 @@ def test_tunes_trial_actors_carry_no_runtime_env_only_on_a_ray_started_here():
     # Ray hands an actor a prestarted (preloaded) worker only if their runtime environments match;
     # Tune's class cache gives trial actors a few environment variables, which the search lifts for
     # a Ray whose workers inherit them anyway. Checked against the installed Ray's class cache.
+    from hybridnas.runners.search import _trial_actors_on_prestarted_workers
     from ray.tune.execution.class_cache import _ActorClassCache
-
-    from runners.search import _trial_actors_on_prestarted_workers
 
     def env(cls: type) -> dict:
         return _ActorClassCache().get(cls)._default_options.get("runtime_env") or {}
@@ -141,7 +139,7 @@ from pathlib import Path
 
 from ray import tune
 
-from runners.search import WORKER_PRELOAD, _trial_actors_on_prestarted_workers, init_ray
+from hybridnas.runners.search import WORKER_PRELOAD, _trial_actors_on_prestarted_workers, init_ray
 
 
 def idle_workers():
@@ -237,7 +235,7 @@ def test_pareto_tags_and_measured_latency_mark_exactly_the_front(grid_search):
         assert ("latency_ms_measured" in c.data.metrics) == bool(on_front)
     assert len(res.exported) == int(front.sum()) == len(res.front)
     for path in res.exported:  # the exported YAML rebuilds the logged model
-        from runners.measure import profile_spec
+        from hybridnas.runners.measure import profile_spec
 
         spec = ArchSpec.from_yaml(path)
         assert profile_spec(spec)["macs"] == spec.metrics["macs"]
@@ -316,7 +314,7 @@ def test_a_cluster_that_cannot_be_joined_fails_with_exit_2_before_mlflow_has_a_r
     # does not join anything. Port 1 on loopback: nothing listens (and without ray[client], Ray says so).
     exp = _experiment(tmp_path, "nocluster", {"sampler": "random", "trials": 2})
     proc = subprocess.run(
-        [sys.executable, "-m", "runners.cli", "search", exp.path, "--address", "ray://127.0.0.1:1"],
+        [sys.executable, "-m", "hybridnas.runners.cli", "search", exp.path, "--address", "ray://127.0.0.1:1"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -413,7 +411,7 @@ def test_resume_after_a_killed_driver_keeps_finished_trials_and_the_count(ray_lo
     client.search_experiments()  # create the store now: two processes migrating a new SQLite file race
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from runners.cli import main; sys.exit(main(sys.argv[1:]))",
+        [sys.executable, "-c", "import sys; from hybridnas.runners.cli import main; sys.exit(main(sys.argv[1:]))",
          "search", exp.path, "--address", address],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
     )  # fmt: skip
@@ -460,7 +458,7 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     import argparse
     import re
 
-    from runners.bench import search as bench
+    from hybridnas.runners.bench import search as bench
 
     monkeypatch.chdir(tmp_path)
     search = {"sampler": "random", "trials": 3, "concurrency": 2, "seed": 0}
@@ -485,7 +483,7 @@ def test_bench_search_by_default_runs_the_experiment_and_three_times_its_trials(
     import argparse
     import re
 
-    from runners.bench import search as bench
+    from hybridnas.runners.bench import search as bench
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "bench2.yaml"

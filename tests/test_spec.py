@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from blocks import MIXERS
-from search_space import ArchSpec, HybridNet, InputSpec, SpecError, StageSpec, build_model
-from search_space.build import block_mixers
+from hybridnas.blocks import MIXERS
+from hybridnas.search_space import ArchSpec, HybridNet, InputSpec, SpecError, StageSpec, build_model
+from hybridnas.search_space.build import block_mixers
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH_FILES = sorted((ROOT / "experiments").glob("arch_*.yaml"))
@@ -103,7 +102,7 @@ def test_arch_hash_is_the_same_in_another_process(tmp_path):
     f = tmp_path / "arch.json"
     f.write_text(json.dumps(reorder(d)))
     code = (
-        "import json, sys; from search_space import ArchSpec; "
+        "import json, sys; from hybridnas.search_space import ArchSpec; "
         "print(ArchSpec.from_dict(json.load(open(sys.argv[1]))).arch_hash())"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

@@ -8,12 +8,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
-from blocks import MIXERS
-from runners.cli import main as cli
-from runners.data import load_dataset
-from runners.train import (
+from hybridnas.blocks import MIXERS
+from hybridnas.runners.cli import main as cli
+from hybridnas.runners.data import load_dataset
+from hybridnas.runners.train import (
     DeviceData,
     TrainingDiverged,
     TrainResult,
@@ -25,10 +23,11 @@ from runners.train import (
     resolve_device,
     train_model,
 )
-from search_space.build import build_model
-from search_space.config import DataConfig, TrainConfig
-from search_space.errors import SpecError, UserError
-from search_space.spec import ArchSpec
+from hybridnas.search_space.build import build_model
+from hybridnas.search_space.config import DataConfig, TrainConfig
+from hybridnas.search_space.errors import SpecError, UserError
+from hybridnas.search_space.spec import ArchSpec
+from torch import nn
 
 TINY = """
 input: {channels: 1, size: 8, classes: 10}
@@ -274,7 +273,7 @@ def test_resolve_device():
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    import runners.train as train
+    import hybridnas.runners.train as train
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert train.resolve_precision("fp32", gpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from search_space.errors import SpecError
+from hybridnas.search_space.errors import SpecError
 
 QUICKSTART = Path("experiments") / "quickstart.yaml"
 

@@ -250,7 +250,7 @@ def matmul_gflops(n: int, device: torch.device, repeats: int = 5) -> float:
 def macs_per_image(module: nn.Module, width: int, size: int) -> int | None:
     """Forward MACs of one image, by runners.measure (imported lazily; None if unavailable)."""
     try:
-        from runners.measure import profile
+        from hybridnas.runners.measure import profile
     except ImportError:
         return None
     return int(profile(module, (width, size, size))["macs"])
@@ -326,7 +326,7 @@ def format_row(row: Row, s: Setting, matmul: float, base: Row | None, indent: bo
 
 def run(s: Setting, names: list[str] | None = None, device: torch.device | None = None) -> list[str]:
     """Measure every mixer (or ``names``) and return the printed lines."""
-    import blocks
+    from hybridnas import blocks
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

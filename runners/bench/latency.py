@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runners.bench import quickstart_path
-from runners.measure import LatencyTable, calibrate_table, latency, missing_units, predict_latency
-from search_space.errors import SpecError
+from hybridnas.runners.bench import quickstart_path
+from hybridnas.runners.measure import LatencyTable, calibrate_table, latency, missing_units, predict_latency
+from hybridnas.search_space.errors import SpecError
 
 
 def _experiment_path(name: str | None) -> Path:
@@ -81,7 +81,7 @@ def evaluate(exp: Any, samples: int, runs: int, clock: str, seed: int = 0) -> li
     the module docstring); each row also carries ``unfit_ms``, the prediction from the in-context
     unit times alone, and ``calibration``, what `calibrate_table` did.
     """
-    from search_space.build import build_model
+    from hybridnas.search_space.build import build_model
 
     lat = exp.latency
     kw = {"device": lat.device, "batch_size": lat.batch_size, "threads": lat.threads, "clock": clock}
@@ -129,7 +129,13 @@ def evaluate(exp: Any, samples: int, runs: int, clock: str, seed: int = 0) -> li
 
 def _unfit_prediction(spec: Any, table: LatencyTable, **kw: Any) -> float:
     """What the table predicted before its refit: the in-context unit times and overhead."""
-    from runners.measure import _context_key, _resolve_device, _resolve_dtype, _unit_prior, unit_latencies
+    from hybridnas.runners.measure import (
+        _context_key,
+        _resolve_device,
+        _resolve_dtype,
+        _unit_prior,
+        unit_latencies,
+    )
 
     context = _context_key(
         _resolve_device(kw["device"]), kw["batch_size"], kw["threads"], _resolve_dtype(None), kw["clock"]
@@ -160,7 +166,7 @@ def _median_abs(diffs: list[float]) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    from search_space import Experiment
+    from hybridnas.search_space import Experiment
 
     exp = Experiment.from_yaml(_experiment_path(getattr(args, "experiment", None)))
     quick = bool(getattr(args, "quick", False))

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runners.bench import quickstart_path
+from hybridnas.runners.bench import quickstart_path
 
 CONCURRENCY = 2
 LONGER = 3  # the second default search: this many times the quickstart's trials
@@ -50,8 +50,8 @@ def _mark(ok: bool) -> str:
 
 def run_one(exp: Any, quick: bool) -> dict:
     """One timed search of ``exp`` (concurrency 2, temporary store); prints its split, returns it."""
-    from runners.search import calibrate_latency, run_search
-    from runners.tracking import make_client
+    from hybridnas.runners.search import calibrate_latency, run_search
+    from hybridnas.runners.tracking import make_client
 
     exp = dataclasses.replace(exp, search=dataclasses.replace(exp.search, concurrency=CONCURRENCY))
     with tempfile.TemporaryDirectory(prefix="hybridnas-bench-search-") as tmp:
@@ -137,8 +137,8 @@ def run_one(exp: Any, quick: bool) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from runners.search import apply_overrides
-    from search_space.experiment import Experiment
+    from hybridnas.runners.search import apply_overrides
+    from hybridnas.search_space.experiment import Experiment
 
     quick = bool(getattr(args, "quick", False))
     given = getattr(args, "experiment", None)

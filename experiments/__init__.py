@@ -1,0 +1,1 @@
+"""The example experiment, architecture and ablation files shipped with hybridnas (`hybridnas examples`)."""
