@@ -262,8 +262,9 @@ def run_ablation(
 
         torch.set_num_threads(1)
         init_ray(address, workers=study.concurrency)
-        from hybridnas.runners.search import _trial_actors_on_prestarted_workers
         from ray import tune
+
+        from hybridnas.runners.search import _trial_actors_on_prestarted_workers
 
         callback = tr.MlflowSearchCallback(
             uri,

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
 from hybridnas.search_space.config import DATASETS, DataConfig
 from hybridnas.search_space.errors import UserError, did_you_mean
 

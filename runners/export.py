@@ -28,6 +28,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
+
+from hybridnas import __version__
 from hybridnas.runners.pareto import (
     DEFAULT_OBJECTIVES,
     METRIC_COLUMNS,
@@ -38,8 +40,6 @@ from hybridnas.runners.pareto import (
     trial_key,
 )
 from hybridnas.search_space.errors import UserError, did_you_mean
-
-from hybridnas import __version__
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 COLUMNS = ("run_id", "trial", "status", *METRIC_COLUMNS, "arch", "arch_hash", "parent_run_id")
@@ -176,8 +176,9 @@ def load_runs(
     Raises `ExportError` (a UserError) for an unknown experiment (listing those that exist), a
     missing search run, or no finished trials.
     """
-    from hybridnas.search_space.spec import ArchSpec
     from mlflow.exceptions import MlflowException
+
+    from hybridnas.search_space.spec import ArchSpec
 
     client, uri = _client(tracking_uri)
     try:

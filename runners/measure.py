@@ -60,9 +60,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hybridnas.search_space.errors import UserError
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from hybridnas.search_space.errors import UserError
 
 aten = torch.ops.aten
 
@@ -540,9 +541,8 @@ def _code_version() -> str:
 
     Computed once per process: the code that runs is the code that was imported.
     """
-    from hybridnas.search_space import build
-
     from hybridnas import blocks
+    from hybridnas.search_space import build
 
     h = hashlib.sha1()
     for path in sorted(Path(blocks.__file__).parent.glob("*.py")) + [Path(build.__file__)]:

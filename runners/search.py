@@ -528,6 +528,7 @@ def calibrate_latency(
     Returns ``{"units", "measured", "timed", "fit", "seconds", "path", "broken"}``.
     """
     import optuna
+
     from hybridnas.runners.measure import (
         LatencyTable,
         _context_key,

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hybridnas.search_space.errors import UserError
 from ray.tune import Callback
+
+from hybridnas.search_space.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Metrics a trial reports once, at its end (val_acc also per epoch).

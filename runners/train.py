@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hybridnas.search_space.config import DataConfig, TrainConfig
-from hybridnas.search_space.errors import SpecError, UserError
 from torch import nn
 
 from hybridnas import __version__
+from hybridnas.search_space.config import DataConfig, TrainConfig
+from hybridnas.search_space.errors import SpecError, UserError
 
 from .data import Dataset, DataShape, expected_shape, load_dataset
 

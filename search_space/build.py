@@ -14,9 +14,10 @@ regular and shifted windows and always ends on a shifted block, so depth 2 is (W
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from hybridnas.blocks import MIXERS, Block, build_downsample
 from hybridnas.blocks.block import make_norm
-from torch import nn
 
 from .errors import SpecError
 from .spec import ArchSpec, StageSpec, key_path

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from hybridnas.blocks import ADDONS, ATTENTION_MIXERS, DOWNSAMPLES, MIXERS
 
 from .errors import SpecError, did_you_mean, not_one_of
@@ -179,6 +180,7 @@ def _probe(mixer: str, dim: int, items: tuple[tuple[str, Any], ...]) -> str | No
     code that does not run on meta tensors.
     """
     import torch
+
     from hybridnas.blocks import build_mixer
 
     # Building initialises weights: keep the global RNG untouched, or the first build_model() after

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from mlflow import MlflowClient
+from scipy import stats
+
 from hybridnas.runners import cli
 from hybridnas.runners.ablation import run_ablation
 from hybridnas.runners.tracking import child_runs
 from hybridnas.search_space.ablation import AblationStudy
-from mlflow import MlflowClient
-from scipy import stats
 
 pytestmark = pytest.mark.slow
 

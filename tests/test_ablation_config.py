@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from hybridnas.search_space.ablation import AblationStudy
 from hybridnas.search_space.errors import SpecError
 

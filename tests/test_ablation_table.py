@@ -2,6 +2,8 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
+
 from hybridnas.runners.ablation_table import (
     build_table,
     plot,
@@ -11,7 +13,6 @@ from hybridnas.runners.ablation_table import (
     welch,
     write_csv,
 )
-from scipy import stats
 
 
 def _results(values: dict[str, list[float]]) -> list[dict]:

@@ -8,10 +8,10 @@ import re
 
 import pytest
 import torch
-from hybridnas.runners.bench import blocks as bench
 from torch import nn
 
 from hybridnas import blocks
+from hybridnas.runners.bench import blocks as bench
 
 NUMBER = r"[-+]?\d+(?:\.\d+)?"
 

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from hybridnas.runners.bench import latency as bench
 from hybridnas.search_space import Experiment
 from hybridnas.search_space.errors import SpecError

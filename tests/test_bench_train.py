@@ -10,6 +10,7 @@ import copy
 import re
 
 import torch
+
 from hybridnas.runners.bench import train as bench
 from hybridnas.runners.data import load_dataset
 from hybridnas.search_space.build import build_model

@@ -5,6 +5,7 @@ equivariance, the unfold reference, MACs and option checks."""
 import pytest
 import torch
 import torch.nn.functional as F
+
 from hybridnas.blocks import build_mixer
 from hybridnas.blocks.acmix import ACmix
 from hybridnas.runners.bench.blocks import unfold_local_attention

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from hybridnas.blocks.axial import GLOBAL_MAX_OFFSET, AxialAttention, relative_index
 
 SIZES = [(1, 1), (3, 5), (7, 7), (28, 28)]

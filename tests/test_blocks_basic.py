@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from hybridnas.blocks import ADDONS, DOWNSAMPLES, MIXERS, Block, describe, reparameterize
 from hybridnas.blocks.block import DropPath, make_norm
 from hybridnas.blocks.conv import ConvDownsample, ConvMixer
@@ -12,7 +14,6 @@ from hybridnas.blocks.coord_attn import CoordAttention
 from hybridnas.blocks.deform import DeformConv
 from hybridnas.blocks.gc import ContextBlock
 from hybridnas.blocks.spd import SPDConv, space_to_depth
-from torch import nn
 
 SIZES = [(1, 1), (3, 5), (7, 7), (28, 28)]
 MINE = {

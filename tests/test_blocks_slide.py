@@ -1,10 +1,11 @@
 """Slide attention and the shared local-attention kernel: shapes, exactness against the unfold
 reference, re-parameterisation, global-attention equivalence, receptive field, equivariance, MACs."""
 
-import hybridnas.blocks.slide as slide
 import pytest
 import torch
 import torch.nn.functional as F
+
+import hybridnas.blocks.slide as slide
 from hybridnas.blocks import build_mixer, reparameterize
 from hybridnas.blocks.slide import SlideAttention, local_attention
 from hybridnas.runners.bench.blocks import unfold_local_attention

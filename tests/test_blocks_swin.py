@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from hybridnas.blocks.swin import PatchMerging, ShiftedWindowAttention, WindowAttention
 
 SIZES = [(1, 1), (3, 5), (7, 7), (28, 28)]

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from hybridnas.runners import data as data_mod
 from hybridnas.runners.data import Archive, DataError, expected_shape, load_dataset, stratified_split
 from hybridnas.search_space.config import DataConfig
 from hybridnas.search_space.errors import UserError
-from PIL import Image
 
 
 def _check_tensors(ds, channels: int, size: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from hybridnas.runners.cli import main as cli
 from hybridnas.search_space import Bound, Experiment, InputSpec, Objective, SpecError, known_input
 from hybridnas.search_space.config import DataConfig

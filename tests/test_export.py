@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from PIL import Image
+
 from hybridnas.runners import cli
 from hybridnas.runners.export import (
     COLUMNS,
@@ -24,9 +28,6 @@ from hybridnas.runners.export import (
 from hybridnas.runners.measure import profile_spec
 from hybridnas.runners.pareto import knee, non_dominated
 from hybridnas.search_space.spec import ArchSpec
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from PIL import Image
 
 OBJECTIVES = [["val_acc", "max"], ["macs", "min"], ["params", "min"]]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hybridnas.blocks import Block, build_addon, build_downsample, build_mixer, reparameterize
 from hybridnas.runners.measure import profile
 

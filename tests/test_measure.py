@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
 from hybridnas.runners.measure import (
     MIN_FIT_ARCHS,
     LatencyTable,
@@ -28,8 +31,6 @@ from hybridnas.runners.measure import (
     spec_units,
     unit_latencies,
 )
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 
 class Lambda(nn.Module):

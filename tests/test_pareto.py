@@ -10,6 +10,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
+
 from hybridnas.runners.pareto import (
     HypervolumeTracker,
     feasible_table,
@@ -21,7 +23,6 @@ from hybridnas.runners.pareto import (
     reference_point,
     write_fronts,
 )
-from PIL import Image
 
 MODE_SETS = [
     ["min", "min"],

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow import MlflowClient
+
 from hybridnas.runners import cli
 from hybridnas.runners.pareto import non_dominated
 from hybridnas.runners.search import SearchError, run_search
 from hybridnas.runners.tracking import child_runs
 from hybridnas.search_space.experiment import Experiment
 from hybridnas.search_space.spec import ArchSpec
-from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
@@ -119,8 +120,9 @@ def test_tunes_trial_actors_carry_no_runtime_env_only_on_a_ray_started_here():
     # Ray hands an actor a prestarted (preloaded) worker only if their runtime environments match;
     # Tune's class cache gives trial actors a few environment variables, which the search lifts for
     # a Ray whose workers inherit them anyway. Checked against the installed Ray's class cache.
-    from hybridnas.runners.search import _trial_actors_on_prestarted_workers
     from ray.tune.execution.class_cache import _ActorClassCache
+
+    from hybridnas.runners.search import _trial_actors_on_prestarted_workers
 
     def env(cls: type) -> dict:
         return _ActorClassCache().get(cls)._default_options.get("runtime_env") or {}

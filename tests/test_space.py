@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+
 from hybridnas.search_space import GRID_PARAM, ArchSpec, InputSpec, SearchSpace, SpecError, build_model
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from hybridnas.blocks import MIXERS
 from hybridnas.search_space import ArchSpec, HybridNet, InputSpec, SpecError, StageSpec, build_model
 from hybridnas.search_space.build import block_mixers

@@ -11,10 +11,11 @@ import warnings
 from typing import Any
 
 import torch
-from hybridnas.blocks import MIXERS
-from hybridnas.search_space import ArchSpec, Experiment, SpecError, build_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from hybridnas.blocks import MIXERS
+from hybridnas.search_space import ArchSpec, Experiment, SpecError, build_model
 
 SETTINGS = settings(
     max_examples=150,

@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from hybridnas.blocks import MIXERS
 from hybridnas.runners.cli import main as cli
 from hybridnas.runners.data import load_dataset
@@ -27,7 +29,6 @@ from hybridnas.search_space.build import build_model
 from hybridnas.search_space.config import DataConfig, TrainConfig
 from hybridnas.search_space.errors import SpecError, UserError
 from hybridnas.search_space.spec import ArchSpec
-from torch import nn
 
 TINY = """
 input: {channels: 1, size: 8, classes: 10}

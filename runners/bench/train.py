@@ -39,11 +39,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from hybridnas.search_space.build import build_model
 from hybridnas.search_space.config import DataConfig, TrainConfig
 from hybridnas.search_space.spec import ArchSpec
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from ..data import Dataset, load_dataset
 from ..measure import profile
