@@ -39,6 +39,7 @@ OBJECTIVE_METRICS = ("val_acc", "macs", "flops", "params", "latency_ms", "train_
 CONSTRAINT_METRICS = ("macs", "flops", "params", "latency_ms")
 MODES = ("min", "max")
 SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "grid")
+SCHEDULERS = ("fifo", "asha", "moasha")
 LATENCY_DEVICES = ("cpu", "cuda")
 EXPERIMENT_KEYS = (
     "name",
@@ -107,6 +108,23 @@ class SearchConfig:
     concurrency: int = 1
     seed: int = 0
     max_failures: int = 1  # Ray Tune retries of a trial whose worker failed
+    # fifo: every trial trains train.epochs; asha: Ray's successive halving on the first objective;
+    # moasha: successive halving ranked by all objectives (runners/scheduler.py)
+    scheduler: str = "fifo"
+    min_epochs: int = 1  # the first rung; rungs at min_epochs * reduction_factor^k below train.epochs
+    reduction_factor: int = 3  # about 1 in reduction_factor trials at a rung goes on to the next
+    repeats: int = 0  # extra seeds for every front member at the full budget
+
+    def rungs(self, epochs: int) -> tuple[int, ...]:
+        """The epochs at which asha/moasha decide (``min_epochs * reduction_factor^k < epochs``);
+        none for fifo."""
+        if self.scheduler == "fifo":
+            return ()
+        out, r = [], self.min_epochs
+        while r < epochs:
+            out.append(r)
+            r *= self.reduction_factor
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -173,6 +191,7 @@ class Experiment:
         objectives = _objectives(d.get("objectives"))
         constraints = _constraints(d.get("constraints"))
         search = _search(d.get("search"))
+        check_schedule(search, train, objectives, d.get("search"))
         if search.sampler == "grid":
             n = space.size()
             if n > ENUMERATE_LIMIT:
@@ -331,13 +350,70 @@ def _search(value: Any) -> SearchConfig:
     sampler = d.get("sampler", "tpe")
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise not_one_of("search.sampler", sampler, SAMPLERS)
+    scheduler = d.get("scheduler", "fifo")
+    if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
+        raise not_one_of("search.scheduler", scheduler, SCHEDULERS)
     return SearchConfig(
         sampler=sampler,
         trials=as_int(d.get("trials", 20), "search.trials", 1, 1_000_000),
         concurrency=as_int(d.get("concurrency", 1), "search.concurrency", 1, 4096),
         seed=as_int(d.get("seed", 0), "search.seed", 0, 2**32 - 1),
         max_failures=as_int(d.get("max_failures", 1), "search.max_failures", 0, 100),
+        scheduler=scheduler,
+        min_epochs=as_int(d.get("min_epochs", 1), "search.min_epochs", 1),
+        reduction_factor=as_int(d.get("reduction_factor", 3), "search.reduction_factor", 2, 100),
+        repeats=as_int(d.get("repeats", 0), "search.repeats", 0, 100),
     )
+
+
+def check_schedule(
+    search: SearchConfig, train: TrainConfig, objectives: tuple[Objective, ...], raw: Any = None
+) -> None:
+    """The scheduler keys against the training length and the objectives (also after ``--epochs``).
+
+    ``raw`` (the file's ``search:`` mapping) tells which keys were written: with ``fifo`` a written
+    ``min_epochs`` or ``reduction_factor`` has no effect, and a warning says so.
+    """
+    metrics = [o.metric for o in objectives]
+    if search.scheduler == "fifo":
+        written = [k for k in ("min_epochs", "reduction_factor") if isinstance(raw, Mapping) and k in raw]
+        if written:
+            warnings.warn(
+                f"search.{written[0]}: has no effect with scheduler: fifo (every trial trains "
+                "train.epochs); set scheduler: moasha or asha to stop weak trials early",
+                stacklevel=3,
+            )
+        return
+    if search.min_epochs >= train.epochs:
+        raise SpecError(
+            "search.min_epochs",
+            f"{search.min_epochs} is not below train.epochs ({train.epochs}): the first rung must come "
+            "before the end of training; lower min_epochs or raise train.epochs",
+        )
+    if search.scheduler == "moasha" and len(objectives) < 2:
+        raise SpecError(
+            "search.scheduler",
+            f"moasha ranks trials by several objectives, this search has one ({metrics[0]}); use "
+            "scheduler: asha",
+        )
+    if "val_acc" not in metrics:
+        raise SpecError(
+            "search.scheduler",
+            f"{search.scheduler} stops trials by their accuracy part-way through training, but val_acc "
+            f"is not an objective ({', '.join(metrics)}); add it or use scheduler: fifo",
+        )
+    if search.scheduler == "asha" and metrics[0] != "val_acc":
+        raise SpecError(
+            "search.scheduler",
+            f"asha ranks trials by the first objective, here {metrics[0]}, which training does not "
+            "change; put val_acc first, or use scheduler: moasha",
+        )
+    if search.scheduler == "asha" and len(objectives) > 1:
+        warnings.warn(
+            f"search.scheduler: asha stops trials by val_acc alone, so {', '.join(metrics[1:])} play no "
+            "part in which trials go on; moasha ranks them by every objective",
+            stacklevel=3,
+        )
 
 
 def parse_resources(value: Any, path: str = "resources") -> Resources:

@@ -69,6 +69,9 @@ def test_defaults_are_filled():
     assert e.out_dir == "hybridnas_runs/mini"
     assert e.data.dataset == "mnist5k" and e.train.epochs == 3
     assert e.input == InputSpec(1, 28, 10)
+    s = e.search
+    assert (s.scheduler, s.min_epochs, s.reduction_factor, s.repeats) == ("fifo", 1, 3, 0)
+    assert s.rungs(e.train.epochs) == ()  # fifo: every trial trains to the end
 
 
 def test_name_defaults_to_the_file_stem(tmp_path):
@@ -119,7 +122,51 @@ def test_grid_with_more_trials_than_architectures_warns():
         Experiment.from_dict(exp(search={"sampler": "grid", "trials": 1000}))
 
 
+TWO = [{"metric": "val_acc"}, {"metric": "macs"}]
+
+
+def test_rungs_grow_by_the_reduction_factor_and_stay_below_the_training_length():
+    e = Experiment.from_dict(
+        exp(train={"epochs": 9}, objectives=TWO, search={"scheduler": "moasha", "reduction_factor": 3})
+    )
+    assert e.search.rungs(9) == (1, 3)
+    assert e.search.rungs(10) == (1, 3, 9)
+    e = Experiment.from_dict(
+        exp(
+            train={"epochs": 16},
+            objectives=TWO,
+            search={"scheduler": "moasha", "min_epochs": 2, "reduction_factor": 2},
+        )
+    )
+    assert e.search.rungs(16) == (2, 4, 8)
+    assert e.to_resolved_dict()["search"]["scheduler"] == "moasha"
+
+
+def test_asha_on_several_objectives_warns_that_only_val_acc_decides():
+    with pytest.warns(UserWarning, match="asha stops trials by val_acc alone"):
+        Experiment.from_dict(exp(train={"epochs": 4}, objectives=TWO, search={"scheduler": "asha"}))
+
+
+def test_fifo_with_a_rung_key_warns_that_it_has_no_effect():
+    with pytest.warns(UserWarning, match="search.min_epochs: has no effect with scheduler: fifo"):
+        Experiment.from_dict(exp(search={"min_epochs": 2}))
+
+
+def sched(scheduler: str = "moasha", epochs: int = 4, objectives=TWO, **search) -> dict:
+    return exp(train={"epochs": epochs}, objectives=objectives, search={"scheduler": scheduler, **search})
+
+
 ERRORS = [
+    (sched("mosha"), "search.scheduler", ["'mosha'", "fifo, asha, moasha", "did you mean 'moasha'"]),
+    (sched(objectives=["val_acc"]), "search.scheduler", ["one (val_acc)", "use scheduler: asha"]),
+    (sched(min_epochs=4), "search.min_epochs", ["not below train.epochs (4)"]),
+    (sched("asha", min_epochs=5), "search.min_epochs", ["not below train.epochs (4)"]),
+    (sched(reduction_factor=1), "search.reduction_factor", [">= 2"]),
+    (sched(reduction_factor=2.5), "search.reduction_factor", ["integer"]),
+    (sched(repeats=-1), "search.repeats", [">= 0"]),
+    (sched(min_epochs=0), "search.min_epochs", [">= 1"]),
+    (sched(objectives=["macs", "params"]), "search.scheduler", ["val_acc is not an objective"]),
+    (sched("asha", objectives=["macs", "val_acc"]), "search.scheduler", ["put val_acc first"]),
     (exp(search={"sampler": "nsga_2"}), "search.sampler", ["'nsga_2'", "tpe, nsga2", "did you mean 'nsga2'"]),
     (exp(search={"trials": 0}), "search.trials", [">= 1"]),
     (exp(search={"concurency": 2}), "search.concurency", ["did you mean 'concurrency'"]),
@@ -220,6 +267,15 @@ def test_hybridnas_space_on_a_bad_file_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("hybridnas: error: search.sampler: 'nsga' is not one of")
+
+
+def test_hybridnas_space_on_moasha_with_one_objective_exits_2_naming_the_key(tmp_path, capsys):
+    f = tmp_path / "one.yaml"
+    f.write_text(yaml.safe_dump(sched(objectives=["val_acc"])))
+    assert cli(["space", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("hybridnas: error: search.scheduler: moasha ranks") and "use scheduler: asha" in err
 
 
 def test_console_script_reports_a_bad_stage_without_traceback(tmp_path):
