@@ -119,6 +119,34 @@ def pareto_ranks(points: Any, modes: Sequence[str]) -> np.ndarray:
     return ranks
 
 
+def crowding_distance(points: Any, modes: Sequence[str]) -> np.ndarray:
+    """NSGA-II's crowding distance of each point within ``points`` (Deb et al. 2002, sec. III-B).
+
+    Per objective, the points are sorted; the two ends get infinity and every other point the gap
+    between its two neighbours, divided by the objective's range; the distance is the sum over
+    objectives. Larger means more isolated, so a better spread when kept. Points with equal values
+    get equal distances (computed on the distinct points). Rows with NaN/inf get NaN.
+    """
+    p = _as_min(points, modes)
+    out = np.full(len(p), np.nan)
+    finite = np.flatnonzero(np.isfinite(p).all(axis=1))
+    if len(finite) == 0:
+        return out
+    unique, inverse = np.unique(p[finite], axis=0, return_inverse=True)
+    dist = np.zeros(len(unique))
+    if len(unique) <= 2:
+        dist[:] = np.inf
+    for j in range(unique.shape[1]):
+        order = np.argsort(unique[:, j], kind="stable")
+        col = unique[order, j]
+        span = col[-1] - col[0]
+        dist[order[0]] = dist[order[-1]] = np.inf
+        if span > 0 and len(unique) > 2:
+            dist[order[1:-1]] += (col[2:] - col[:-2]) / span
+    out[finite] = dist[inverse.reshape(-1)]
+    return out
+
+
 def hypervolume(points: Any, modes: Sequence[str], reference: Sequence[float]) -> float:
     """Volume of objective space dominated by ``points`` and bounded by ``reference`` (moocore).
 
