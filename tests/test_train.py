@@ -22,6 +22,7 @@ from hybridnas.runners.train import (
     fit_steps,
     lr_factor,
     param_groups,
+    restart_factor,
     resolve_device,
     train_model,
 )
@@ -242,6 +243,32 @@ def test_warmup_then_cosine_schedule():
     assert f[warmup:] == sorted(f[warmup:], reverse=True) and f[warmup] == 1.0
     assert 0 <= f[-1] < 0.01
     assert lr_factor(0, 5, 0) == 1.0
+
+
+def test_restarts_anneal_to_zero_at_each_rung_and_start_again_from_the_peak():
+    spe, epochs, warmup = 20, 9, 5
+    f = [restart_factor(s, spe, epochs, warmup, [1, 3]) for s in range(spe * epochs)]
+    for start, end in ((0, 20), (20, 60), (60, 180)):
+        seg = f[start:end]
+        body = seg[warmup:] if start == 0 else seg
+        assert body == sorted(body, reverse=True) and body[0] == 1.0 and body[-1] < 0.05
+    assert f[:warmup] == sorted(f[:warmup]) and f[0] < 1.0  # one warm-up, at the start only
+    # No restarts (or only ones outside the run) is the plain schedule.
+    for restarts in ([], [0, 9, 12]):
+        assert [restart_factor(s, spe, epochs, warmup, restarts) for s in range(180)] == [
+            lr_factor(s, 180, warmup) for s in range(180)
+        ]
+
+
+def test_a_run_with_restarts_equals_a_short_run_up_to_its_first_rung(digits, tiny):
+    # What a rung sees is what a short training that anneals would give, to the last digit.
+    cfg = TrainConfig(epochs=3, batch_size=256, seed=4)
+    long = train_model(tiny, digits, cfg, device="cpu", restarts=[1])
+    short = train_model(tiny, digits, cfg.replace(epochs=1), device="cpu")
+    assert long.history[0]["val_acc"] == short.val_acc
+    assert long.history[0]["train_loss"] == short.train_loss
+    plain = train_model(tiny, digits, cfg, device="cpu")
+    assert plain.history[0]["train_loss"] != short.train_loss  # without restarts epoch 1 is not annealed
 
 
 class _WithTable(nn.Module):
