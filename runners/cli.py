@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--archs", type=int, default=None, help="architectures to train for the table (default 64)"
     )
     s.add_argument("--reps", type=int, default=None, help="repetitions per strategy (default 20)")
-    s.add_argument("--budget", type=int, default=None, help="compute budget in full trainings (default 16)")
+    s.add_argument("--budget", type=int, default=None, help="compute budget in full trainings (default 12)")
     s.add_argument("--quick", action="store_true", help="a small table: 6 architectures, 1,000 images")
     s.set_defaults(func=_handler("hybridnas.runners.bench.efficiency"))
     return p

@@ -203,30 +203,55 @@ def build(
     )
     t0, done, results = time.perf_counter(), 0, {}
     _progress(0, len(jobs), t0, stream)
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(data_cfg,)
-    ) as pool:
-        futures = {
-            pool.submit(
-                _train_curve, table.archs[i]["arch"], {**train_cfg, "seed": SEEDS[s]}, list(restarts)
-            ): (i, s)
-            for i, s in jobs
-        }
-        for fut in cf.as_completed(futures):
-            results[futures[fut]] = fut.result()
-            # Seeds are stored in order: write every arch whose earlier seeds are in.
-            for i, s in sorted(results):
-                if len(table.archs[i]["acc"]) == s:
-                    table.archs[i]["acc"].append(results[i, s]["acc"])
-                    table.archs[i]["epoch_s"].append(results[i, s]["epoch_s"])
-            done += 1
-            _save(path, table)
-            _progress(done, len(jobs), t0, stream)
+    for (i, s), res in _run(jobs, table, train_cfg, data_cfg, restarts, workers):
+        results[i, s] = res
+        # Seeds are stored in order: write every arch whose earlier seeds are in.
+        for j, k in sorted(results):
+            if len(table.archs[j]["acc"]) == k:
+                table.archs[j]["acc"].append(results[j, k]["acc"])
+                table.archs[j]["epoch_s"].append(results[j, k]["epoch_s"])
+        done += 1
+        _save(path, table)
+        _progress(done, len(jobs), t0, stream)
     table.info["build_s"] = table.info.get("build_s", 0.0) + time.perf_counter() - t0
     table.info["load"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     _save(path, table)
     return table, path
+
+
+def _run(
+    jobs: list[tuple[int, int]],
+    table: CurveTable,
+    train_cfg: dict,
+    data_cfg: dict,
+    restarts: Sequence[int],
+    workers: int,
+) -> Any:
+    """(job, result) pairs as trainings finish: ``workers`` processes of one thread each, or this
+    process itself when ``workers`` is 1 (its torch threads restored afterwards)."""
+
+    def args(i: int, s: int) -> tuple:
+        return table.archs[i]["arch"], {**train_cfg, "seed": SEEDS[s]}, list(restarts)
+
+    if workers <= 1:
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            _init_worker(data_cfg)
+            for job in jobs:
+                yield job, _train_curve(*args(*job))
+        finally:
+            torch.set_num_threads(threads)
+            _WORKER.clear()
+        return
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no Ray or driver state inherited
+    with cf.ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(data_cfg,)
+    ) as pool:
+        futures = {pool.submit(_train_curve, *args(i, s)): (i, s) for i, s in jobs}
+        for fut in cf.as_completed(futures):
+            yield futures[fut], fut.result()
 
 
 def _sample(

@@ -299,7 +299,7 @@ def main(args: argparse.Namespace) -> int:
     exp = Experiment.from_yaml(path)
     n = getattr(args, "archs", None) or (6 if quick else 64)
     reps = getattr(args, "reps", None) or 20
-    budget_trainings = getattr(args, "budget", None) or (3 if quick else 16)
+    budget_trainings = getattr(args, "budget", None) or (3 if quick else 12)
     for key, v, lo in (("--archs", n, 4), ("--reps", reps, 1), ("--budget", budget_trainings, 1)):
         if v < lo:
             raise SpecError(key, f"must be >= {lo}, got {v}")
