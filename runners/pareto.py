@@ -303,6 +303,31 @@ def knee(points: Any, modes: Sequence[str]) -> int:
     return int(front[best])
 
 
+def dominated_within_noise(points: Any, spreads: Any, modes: Sequence[str]) -> np.ndarray:
+    """For each row: does another row dominate it once differences inside the error bars are ignored?
+
+    ``spreads`` has the shape of ``points`` (a standard deviation per value; 0 for exact values such
+    as MACs). Two values are tied when their intervals ``value +- spread`` overlap. Row ``j`` is
+    marked when some row ``i`` is better than or tied with it in every objective and better beyond
+    the error bars in at least one: a front member whose only edge is an accuracy inside seed noise
+    cannot be told apart from a cheaper member. With zero spreads this is plain dominance.
+    """
+    p = _as_min(points, modes)
+    s = np.abs(np.asarray(spreads, dtype=float).reshape(p.shape))
+    s = np.where(np.isfinite(s), s, 0.0)
+    out = np.zeros(len(p), dtype=bool)
+    for j in range(len(p)):
+        if not np.isfinite(p[j]).all():
+            continue
+        tied = np.abs(p - p[j]) <= s + s[j]
+        no_worse = ((p <= p[j]) | tied).all(axis=1)
+        better = ((p < p[j]) & ~tied).any(axis=1)
+        mark = no_worse & better & np.isfinite(p).all(axis=1)
+        mark[j] = False
+        out[j] = bool(mark.any())
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # tables and plots
 

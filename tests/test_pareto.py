@@ -14,6 +14,7 @@ from PIL import Image
 
 from hybridnas.runners.pareto import (
     HypervolumeTracker,
+    dominated_within_noise,
     feasible_table,
     front_table,
     hypervolume,
@@ -269,3 +270,21 @@ def test_write_fronts_of_a_single_objective_writes_only_the_csv(tmp_path):
     assert [p.name for p in paths] == ["pareto.csv"]
     csv = pd.read_csv(paths[0])
     assert csv.loc[csv["pareto"], "val_acc"].tolist() == [csv["val_acc"].max()]
+
+
+@pytest.mark.parametrize("modes", MODE_SETS, ids=lambda m: "-".join(m))
+def test_dominated_within_noise_is_plain_dominance_without_error_bars(modes):
+    p = np.random.default_rng(len(modes)).integers(0, 4, (25, len(modes))).astype(float)
+    assert (dominated_within_noise(p, np.zeros_like(p), modes) == ~_brute_non_dominated(p, modes)).all()
+
+
+def test_a_front_member_whose_accuracy_edge_is_inside_seed_noise_is_marked():
+    # val_acc (max) +- sd, macs (min) exact: b is cheaper, a is more accurate by less than the bars.
+    points = [[0.950, 2e6], [0.945, 1e6], [0.900, 0.5e6]]
+    sd = [[0.004, 0], [0.003, 0], [0.003, 0]]
+    marked = dominated_within_noise(points, sd, ["max", "min"])
+    assert marked.tolist() == [True, False, False]
+    # Tighter bars: a's edge is real, nobody is marked.
+    assert not dominated_within_noise(points, np.array(sd) / 10, ["max", "min"]).any()
+    # Members tied in every objective mark neither.
+    assert not dominated_within_noise([[0.9, 1e6], [0.9, 1e6]], [[0.01, 0], [0.01, 0]], ["max", "min"]).any()
