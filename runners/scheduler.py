@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,8 @@ from typing import Any
 import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from .pareto import crowding_distance, objective_pairs, pareto_ranks
+from hybridnas.runners.files import atomic_write
+from hybridnas.runners.pareto import crowding_distance, objective_pairs, pareto_ranks
 
 log = logging.getLogger(__name__)
 CONTINUE, PROMOTE, STOP = "continue", "promote", "stop"
@@ -237,19 +237,6 @@ class PromotionRule:
 # Ray Tune
 
 
-def _atomic(path: Path, write: Any) -> None:
-    """``write(tmp)`` then rename over ``path``: a driver killed mid-write leaves the old state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class _Persistent:
     """Save the scheduler's state to ``state_path`` after each rung decision (with its own public
     ``save``), and read it back (``restore``) on first use in a process that did not write it:
@@ -272,7 +259,7 @@ class _Persistent:
 
     def _persist(self) -> None:
         if self._state_path:
-            _atomic(Path(self._state_path), self.save)  # type: ignore[attr-defined]
+            atomic_write(self._state_path, self.save)  # type: ignore[attr-defined]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_loaded": False}  # unpickled (restored Tuner): read the file again

@@ -98,7 +98,7 @@ def cache_path(fingerprint: dict) -> Path:
 
 
 def _save(path: Path, table: CurveTable) -> None:
-    from hybridnas.runners.export import atomic_write
+    from hybridnas.runners.files import atomic_write
 
     atomic_write(path, json.dumps(table.to_json()))
 
@@ -294,7 +294,8 @@ def _sample(
 
 def search_measures(exp: Any) -> Callable[[Any], dict]:
     """MACs, flops, params and predicted latency exactly as a search computes them for its trials."""
-    from hybridnas.runners.search import ArchSuggester, calibrate_latency
+    from hybridnas.runners.search import calibrate_latency
+    from hybridnas.runners.searcher import ArchSuggester
 
     cal = calibrate_latency(exp.space, exp.input, exp.latency, seed=exp.search.seed)
     suggester = ArchSuggester(

@@ -144,7 +144,7 @@ class Replay:
         from optuna.trial import TrialState
 
         from hybridnas.runners.scheduler import STOP, PromotionRule
-        from hybridnas.runners.search import _violations, make_sampler
+        from hybridnas.runners.searcher import _violations, make_sampler
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         table, archs, epochs = self.table, self.table.archs, self.table.epochs
