@@ -154,21 +154,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
-    """The Pareto front as a fixed-width table: objectives, then the other metrics, then the architecture."""
+    """The Pareto front as a fixed-width table: objectives, then the other metrics, then the architecture.
+
+    With repeated members (``search.repeats``) val_acc is the seed mean, followed by its standard
+    deviation and the number of seeds; a member marked ``~`` is not told apart from one that
+    dominates it once its accuracy edge, inside the error bars, is ignored.
+    """
     from hybridnas.runners.pareto import arch_summary, human
 
     metrics = [m for m, _ in objectives]
     for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_measured"):
         if extra not in metrics:
             metrics.append(extra)
+    repeated = "seeds" in front.columns and (front["seeds"] > 1).any()
+
+    def cell(r: dict, m: str) -> str:
+        if m == "val_acc" and repeated:
+            sd = f" ±{100 * r['val_acc_sd']:.2f}" if r.get("seeds", 1) > 1 else ""
+            return f"{human(r.get(m), m)}{sd} (n={int(r.get('seeds', 1))})"
+        return human(r.get(m), m)
+
     header = ["trial", *[m.replace("latency_ms_measured", "measured_ms") for m in metrics], "architecture"]
     rows = [
-        [str(r["trial"]), *[human(r.get(m), m) for m in metrics], arch_summary(r.get("arch"))]
+        [
+            ("~" if r.get("indistinct") else "") + str(r["trial"]),
+            *[cell(r, m) for m in metrics],
+            arch_summary(r.get("arch")),
+        ]
         for r in front.to_dict("records")
     ]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    if "indistinct" in front.columns and front["indistinct"].any():
+        lines.append(
+            "~ its accuracy edge over a member that is cheaper in every other objective lies inside "
+            "one standard deviation: not told apart from that member"
+        )
     return "\n".join(lines)
 
 
@@ -188,16 +210,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
         progress=_say,
     )
     c = res.counts
+    stopped = f", {c['stopped']} stopped early" if exp.search.scheduler != "fifo" else ""
     print(
-        f"\nsearch {exp.name}: {sum(c.values())} trials ({c['ok']} ok, {c['failed']} failed, "
+        f"\nsearch {exp.name}: {sum(c.values())} trials ({c['ok']} ok{stopped}, {c['failed']} failed, "
         f"{c['infeasible']} infeasible) in {res.wall_s / 60:.1f} min"
     )
     if res.interrupted:
         return 130
+    if res.reached:
+        print("trained to: " + ", ".join(f"epoch {e}: {n} trials" for e, n in res.reached.items()))
     if res.front is not None and len(res.front):
         goals = ", ".join(f"{m} ({mode})" for m, mode in res.objectives)
-        print(f"Pareto front of {goals}: {len(res.front)} architectures")
+        means = " (val_acc: mean of the seeds ± sd)" if exp.search.repeats else ""
+        print(f"Pareto front of {goals}: {len(res.front)} architectures{means}")
         print(front_text(res.front, res.objectives))
+    if res.fidelity:
+        print("how far this search's ranking can be trusted (Kendall tau):")
+        for line in res.fidelity:
+            print(f"  {line}")
     if res.exported:
         print("exported architectures:")
         for p in res.exported:

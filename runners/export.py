@@ -83,7 +83,9 @@ def load_runs(
     """One row per finished (``hybridnas.status=ok``) trial of the latest search in ``experiment``
     (or of the search run ``parent_run_id``).
 
-    Columns: run_id, trial, status, val_acc, macs, flops, params, latency_ms,
+    Columns: run_id, trial, status, val_acc (the seed mean of a trial repeated with more seeds,
+    ``search.repeats``), val_acc_sd and seeds (its spread and count; 1 seed otherwise),
+    val_acc_single (a repeated trial's own seed), macs, flops, params, latency_ms,
     latency_ms_measured, train_time_s, imgs_per_s, arch (an ArchSpec from the run's arch.yaml),
     arch_hash, parent_run_id. ``df.attrs`` holds experiment, parent_run_id, tracking_uri,
     objectives (``[(metric, mode)]`` from the parent's ``hybridnas.objectives`` tag), counts and
@@ -161,6 +163,9 @@ def load_runs(
                 continue
             m = run.data.metrics
             row = {c: m.get(c, math.nan) for c in COLUMNS if c not in ("run_id", "trial", "status", "arch")}
+            if "val_acc_mean" in m:  # trained again with more seeds (search.repeats): the mean counts
+                row.update(val_acc=m["val_acc_mean"], val_acc_single=m.get("val_acc", math.nan))
+            row["seeds"] = int(m.get("seeds", 1))
             row.update(
                 run_id=run.info.run_id,
                 trial=str(trial),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 NOISY = 0.4  # tau below this: more than 3 pairs in 10 ordered wrongly
 MIN_PAIRS = 3  # trials needed for a tau worth printing
@@ -119,3 +120,41 @@ def describe(
                 "trust only the members the table does not mark as indistinguishable"
             )
     return lines
+
+
+def fidelity_report(
+    client: Any, exp_id: str, parent: str, search: Any, epochs: int, front: Any = None
+) -> tuple[dict[int, int], list[str]]:
+    """The end of a search with rungs or repeats: how many trials trained to each rung (parent
+    metrics ``trials_at_epoch<E>``), the taus (parent metrics ``fidelity_*``) and their printout.
+
+    ``front``: the front on seed means (rows of `runners.export.load_runs` with ``seeds`` and
+    ``val_acc_single``), for the seed comparison.
+    """
+    from hybridnas.runners.store import child_runs, log_metrics
+
+    rungs = tuple(search.rungs(epochs))
+    reached: dict[int, int] = {}
+    found: list[Fidelity] = []
+    if rungs:
+        trials = [
+            r
+            for r in child_runs(client, exp_id, parent)
+            if r.data.tags.get("hybridnas.kind", "trial") == "trial"
+            and r.data.tags.get("hybridnas.status") in ("ok", "stopped")
+        ]
+        trained = [int(r.data.metrics.get("epochs_trained", 0)) for r in trials]
+        reached = {e: sum(t >= e for t in trained) for e in (*rungs, epochs)}
+        log_metrics(client, parent, {f"trials_at_epoch{e}": n for e, n in reached.items()})
+        curves = {
+            r.info.run_id: {int(m.step): m.value for m in client.get_metric_history(r.info.run_id, "val_acc")}
+            for r in trials
+        }
+        found += rung_fidelities(curves, rungs, epochs)
+    if front is not None and search.repeats and "val_acc_single" in front.columns:
+        repeated = front[front["seeds"] > 1]
+        f = seed_fidelity(list(repeated["val_acc_single"]), list(repeated["val_acc"]))
+        if f is not None:
+            found.append(f)
+    log_metrics(client, parent, metrics(found))
+    return reached, describe(found, search.min_epochs if rungs else None, search.repeats)

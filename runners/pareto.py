@@ -32,7 +32,10 @@ MODES = ("max", "min")
 # The default when a parent run does not say which objectives it searched.
 DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (("val_acc", "max"), ("macs", "min"))
 METRIC_COLUMNS = (
-    "val_acc",
+    "val_acc",  # the seed mean when the trial was repeated (search.repeats), else its one seed
+    "val_acc_sd",  # standard deviation over its seeds (repeated trials only)
+    "seeds",  # how many seeds val_acc is the mean of
+    "val_acc_single",  # a repeated trial's accuracy with the search's own seed
     "macs",
     "flops",
     "params",
@@ -44,6 +47,7 @@ METRIC_COLUMNS = (
 # Axis labels with units. MACs are multiply-accumulates (what papers print as "FLOPs"); flops = 2 * macs.
 LABELS = {
     "val_acc": "validation accuracy",
+    "val_acc_sd": "validation accuracy, standard deviation over seeds",
     "macs": "MACs (multiply-accumulates)",
     "flops": "FLOPs (= 2 x MACs)",
     "params": "parameters",
@@ -116,34 +120,6 @@ def pareto_ranks(points: Any, modes: Sequence[str]) -> np.ndarray:
     if finite.any():
         ranks[finite] = moocore.pareto_rank(p[finite])
     return ranks
-
-
-def crowding_distance(points: Any, modes: Sequence[str]) -> np.ndarray:
-    """NSGA-II's crowding distance of each point within ``points`` (Deb et al. 2002, sec. III-B).
-
-    Per objective, the points are sorted; the two ends get infinity and every other point the gap
-    between its two neighbours, divided by the objective's range; the distance is the sum over
-    objectives. Larger means more isolated, so a better spread when kept. Points with equal values
-    get equal distances (computed on the distinct points). Rows with NaN/inf get NaN.
-    """
-    p = _as_min(points, modes)
-    out = np.full(len(p), np.nan)
-    finite = np.flatnonzero(np.isfinite(p).all(axis=1))
-    if len(finite) == 0:
-        return out
-    unique, inverse = np.unique(p[finite], axis=0, return_inverse=True)
-    dist = np.zeros(len(unique))
-    if len(unique) <= 2:
-        dist[:] = np.inf
-    for j in range(unique.shape[1]):
-        order = np.argsort(unique[:, j], kind="stable")
-        col = unique[order, j]
-        span = col[-1] - col[0]
-        dist[order[0]] = dist[order[-1]] = np.inf
-        if span > 0 and len(unique) > 2:
-            dist[order[1:-1]] += (col[2:] - col[:-2]) / span
-    out[finite] = dist[inverse.reshape(-1)]
-    return out
 
 
 def hypervolume(points: Any, modes: Sequence[str], reference: Sequence[float]) -> float:
@@ -373,7 +349,8 @@ def trial_key(t: Any) -> tuple:
 
 def feasible_table(df: pd.DataFrame, objectives: Iterable[Any]) -> pd.DataFrame:
     """The trials that can be compared: status ok (when given) and every objective finite, with
-    ``pareto`` (bool), ``rank`` and ``arch_summary`` columns added, front first."""
+    ``pareto`` (bool), ``rank`` and ``arch_summary`` columns added, front first; with a
+    ``val_acc_sd`` column also ``indistinct``: front members `dominated_within_noise`."""
     objs = objective_pairs(objectives)
     metrics = [m for m, _ in objs]
     missing = [m for m in metrics if m not in df.columns]
@@ -389,6 +366,16 @@ def feasible_table(df: pd.DataFrame, objectives: Iterable[Any]) -> pd.DataFrame:
     modes = [mode for _, mode in objs]
     t["pareto"] = non_dominated(values, modes) if len(t) else np.zeros(0, dtype=bool)
     t["rank"] = pareto_ranks(values, modes) if len(t) else np.zeros(0, dtype=int)
+    if "val_acc_sd" in t.columns and "val_acc" in metrics:
+        # Front members whose edge over a member that dominates them otherwise is an accuracy
+        # inside the seeds' error bars (search.repeats): not told apart from it.
+        spreads = np.zeros_like(values)
+        spreads[:, metrics.index("val_acc")] = pd.to_numeric(t["val_acc_sd"], errors="coerce").fillna(0.0)
+        front = t["pareto"].to_numpy()
+        marks = np.zeros(len(t), dtype=bool)
+        if front.any():
+            marks[front] = dominated_within_noise(values[front], spreads[front], modes)
+        t["indistinct"] = marks
     if "arch_summary" not in t.columns:
         t["arch_summary"] = [arch_summary(a) for a in t["arch"]] if "arch" in t.columns else ""
     if "arch" in t.columns and "arch_hash" not in t.columns:
@@ -468,6 +455,9 @@ def _png(t, y, x, front2, title) -> bytes:
     f = t[front2].sort_values(xm, kind="stable")
     ax.step(f[xm], f[ym], where=_step_where(xmode), color="C0", lw=1.5, zorder=3)
     ax.scatter(f[xm], f[ym], s=40, color="C0", label=f"Pareto front: {ym} vs {xm}", zorder=4)
+    bars = _error_bars(f, xm, ym)
+    if bars:  # seed means of repeated members: +- one standard deviation
+        ax.errorbar(f[xm], f[ym], **bars, fmt="none", ecolor="C0", alpha=0.6, capsize=3, zorder=3)
     for _, r in f.iterrows():
         ax.annotate(
             str(r.get("trial", "")), (r[xm], r[ym]), textcoords="offset points", xytext=(4, 4), fontsize=7
@@ -490,9 +480,19 @@ def _png(t, y, x, front2, title) -> bytes:
     return buf.getvalue()
 
 
+def _error_bars(f: pd.DataFrame, xm: str, ym: str) -> dict[str, list[float]]:
+    """``{"yerr": [...]}`` / ``{"xerr": [...]}`` for a val_acc axis when the front has seed spreads."""
+    if "val_acc_sd" not in f.columns or not (pd.to_numeric(f["val_acc_sd"], errors="coerce") > 0).any():
+        return {}
+    sd = pd.to_numeric(f["val_acc_sd"], errors="coerce").fillna(0.0).astype(float).tolist()
+    return {"yerr": sd} if ym == "val_acc" else {"xerr": sd} if xm == "val_acc" else {}
+
+
 def _hover(r: Mapping[str, Any], metrics: list[str]) -> str:
     lines = [f"trial {r.get('trial', '')}", str(r.get("arch_summary", ""))]
     lines += [f"{m}: {human(r.get(m), m)}" for m in metrics if m in r]
+    if pd.notna(r.get("val_acc_sd")) and int(r.get("seeds") or 1) > 1:
+        lines.append(f"val_acc over {int(r['seeds'])} seeds: sd {100 * float(r['val_acc_sd']):.2f} points")
     if r.get("run_id"):
         lines.append(f"run {r['run_id']}")
     return "<br>".join(lines)
@@ -529,6 +529,10 @@ def _html(t, y, x, front2, title, metrics) -> str:
             )
         )
     f = t[front2].sort_values(xm, kind="stable")
+    bars = {
+        ("error_y" if k == "yerr" else "error_x"): {"type": "data", "array": v, "visible": True}
+        for k, v in _error_bars(f, xm, ym).items()
+    }
     fig.add_trace(
         trace(
             f,
@@ -536,6 +540,7 @@ def _html(t, y, x, front2, title, metrics) -> str:
             name=f"Pareto front: {ym} vs {xm}",
             line={"shape": "hv" if _step_where(xmode) == "post" else "vh", "color": "#1f77b4"},
             marker={"size": 10, "color": "#1f77b4"},
+            **bars,
         )
     )
     fig.update_layout(

@@ -122,9 +122,13 @@ def replays_from_mlflow(client: Any, exp_id: str, parent: str) -> tuple[dict[str
     for run in child_runs(client, exp_id, parent):
         tags = run.data.tags
         h, status = tags.get("hybridnas.arch_hash"), tags.get("hybridnas.status")
+        if tags.get("hybridnas.kind") == "repeat":
+            continue  # a front member's extra seed: not a trial of the search
         if h and status in FINISHED:
             r = {k: run.data.metrics[k] for k in FINAL_METRICS if k in run.data.metrics}
             r.update(status=status, trial_number=tags.get("hybridnas.trial"), arch_hash=h)
+            if "epochs_trained" in r:
+                r["epoch"] = int(r["epochs_trained"])
             if status == STATUS_FAILED:
                 r["error"] = tags.get("hybridnas.error", "")
             if status == STATUS_INFEASIBLE:

@@ -45,7 +45,7 @@ import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from hybridnas.runners.files import atomic_write
-from hybridnas.runners.pareto import crowding_distance, objective_pairs, pareto_ranks
+from hybridnas.runners.pareto import objective_pairs, pareto_ranks
 
 log = logging.getLogger(__name__)
 CONTINUE, PROMOTE, STOP = "continue", "promote", "stop"
@@ -61,6 +61,34 @@ def rungs_for(min_epochs: int, max_epochs: int, eta: int) -> tuple[int, ...]:
         out.append(r)
         r *= eta
     return tuple(out)
+
+
+def crowding_distance(points: Any, modes: Sequence[str]) -> np.ndarray:
+    """NSGA-II's crowding distance of each point within ``points`` (Deb et al. 2002, sec. III-B).
+
+    Per objective, the points are sorted; the two ends get infinity and every other point the gap
+    between its two neighbours, divided by the objective's range; the distance is the sum over
+    objectives. Larger means more isolated, so a better spread when kept. Points with equal values
+    get equal distances (computed on the distinct points). Rows with NaN/inf get NaN.
+    """
+    p = np.asarray(points, dtype=float) * np.array([-1.0 if m == "max" else 1.0 for m in modes])
+    out = np.full(len(p), np.nan)
+    finite = np.flatnonzero(np.isfinite(p).all(axis=1))
+    if len(finite) == 0:
+        return out
+    unique, inverse = np.unique(p[finite], axis=0, return_inverse=True)
+    dist = np.zeros(len(unique))
+    if len(unique) <= 2:
+        dist[:] = np.inf
+    for j in range(unique.shape[1]):
+        order = np.argsort(unique[:, j], kind="stable")
+        col = unique[order, j]
+        span = col[-1] - col[0]
+        dist[order[0]] = dist[order[-1]] = np.inf
+        if span > 0 and len(unique) > 2:
+            dist[order[1:-1]] += (col[2:] - col[:-2]) / span
+    out[finite] = dist[inverse.reshape(-1)]
+    return out
 
 
 @dataclass
@@ -328,6 +356,10 @@ class PersistentASHAScheduler(_Persistent, ASHAScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         self._load()
         if result.get("status", "running") != "running":  # final, infeasible, failed, replayed
+            return TrialScheduler.CONTINUE
+        if result.get(self._time_attr, 0) >= self._max_t:
+            # Ray's ASHA stops a trial at max_t (and may cut it at a last milestone there), before
+            # the trainable's final report: the full budget is reached, let the trial finish itself.
             return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)
         if self._time_attr in result and self._metric in result:

@@ -48,7 +48,9 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.data import input_for
+from hybridnas.runners.fidelity import fidelity_report
 from hybridnas.runners.ray_runtime import init_ray, trial_actors_on_prestarted_workers
+from hybridnas.runners.repeats import REPEAT_KIND, run_repeats
 from hybridnas.runners.resume import (
     Replays,
     SearchError,
@@ -59,18 +61,21 @@ from hybridnas.runners.resume import (
     resolved_for_fingerprint,
     write_state,
 )
+from hybridnas.runners.scheduler import make_scheduler
 from hybridnas.runners.searcher import ArchSearcher, ArchSuggester, make_sampler
 from hybridnas.runners.trial import (
     FAULTS_ENV,
     STATUS_FAILED,
     STATUS_INFEASIBLE,
     STATUS_OK,
+    STATUS_STOPPED,
     hybridnas_trial,
     recipe,
 )
 from hybridnas.search_space.errors import SpecError
 
 TUNE_DIR = "tune"
+SCHEDULER_STATE = "scheduler.json"  # the rungs' records of asha/moasha (Ray's Tuner does not keep them)
 CALIBRATION_SAMPLES = 2000  # architectures drawn to cover the latency table of a space too big to enumerate
 
 
@@ -166,6 +171,9 @@ def apply_overrides(exp: Any, trials: int | None = None, epochs: int | None = No
         if epochs < 1:
             raise SpecError("--epochs", f"must be >= 1, got {epochs}")
         exp = dataclasses.replace(exp, train=exp.train.replace(epochs=epochs))
+        from hybridnas.search_space.experiment import check_schedule
+
+        check_schedule(exp.search, exp.train, exp.objectives)  # the rungs must still fit
     return exp
 
 
@@ -198,6 +206,9 @@ class SearchResult:
     calibration: dict[str, Any]
     timings: dict[str, float]  # mlflow_s, latency_table_s, ray_init_s, tune_s, finish_s
     ui_command: str
+    reached: dict[int, int] = dataclasses.field(default_factory=dict)  # epoch -> trials that trained it
+    fidelity: list[str] = dataclasses.field(default_factory=list)  # the fidelity report, in words
+    repeats: dict = dataclasses.field(default_factory=dict)  # run_repeats' summary (search.repeats)
 
 
 def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> str:
@@ -221,6 +232,10 @@ def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> st
         "trials": exp.search.trials,
         "concurrency": exp.search.concurrency,
         "max_failures": exp.search.max_failures,
+        "scheduler": exp.search.scheduler,
+        "rungs": ", ".join(map(str, exp.search.rungs(exp.train.epochs))) or "none",
+        "reduction_factor": exp.search.reduction_factor,
+        "repeats": exp.search.repeats,
         "objectives": ", ".join(f"{m} {mode}" for m, mode in objectives),
         "constraints": ", ".join(b.describe(k) for k, b in exp.constraints.items()) or "none",
         "dataset": exp.data.dataset,
@@ -351,6 +366,16 @@ def run_search(
                 else ""
             )
         )
+        rungs = exp.search.rungs(exp.train.epochs)
+        stopping = bool(rungs)
+        if stopping:
+            say(
+                f"{exp.search.scheduler}: trials compared at epoch(s) {', '.join(map(str, rungs))} of "
+                f"{exp.train.epochs}, about 1 in {exp.search.reduction_factor} goes on at each; the learning "
+                "rate anneals at each of them"
+            )
+        if exp.search.repeats:
+            say(f"repeats: the front's members get {exp.search.repeats} more seed(s) at the end")
         say(f"mlflow: experiment {exp.tracking.experiment!r}, search run {parent} at {tr.redact(uri)}")
 
         timings["mlflow_s"] = time.time() - t_start - timings.get("ray_init_s", 0.0)
@@ -420,6 +445,7 @@ def run_search(
             sampler=sampler,
             objectives=objectives,
             replay_name=replay_name,
+            stopping=stopping,
         )
         param_space = recipe(
             data=dataclasses.asdict(exp.data),
@@ -427,6 +453,7 @@ def run_search(
             cpus=exp.resources.cpu,
             faults=faults,
             replay=replay_name,
+            restarts=list(rungs),
         )
         trainable = tune.with_resources(hybridnas_trial, {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu})
         callback = tracking.MlflowSearchCallback(
@@ -437,6 +464,7 @@ def run_search(
             constraints,
             total_trials=n_trials,
             say=progress if callable(progress) else None,
+            stopping=stopping,
         )
         tune_path = out / TUNE_DIR
         replays = None
@@ -452,6 +480,14 @@ def run_search(
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
                     search_alg=searcher,
+                    scheduler=make_scheduler(
+                        exp.search.scheduler,
+                        objectives,
+                        exp.train.epochs,
+                        exp.search.min_epochs,
+                        exp.search.reduction_factor,
+                        state_path=out / SCHEDULER_STATE,
+                    ),
                     num_samples=n_trials,
                     max_concurrent_trials=exp.search.concurrency,
                     # Function trainables support reset_config: one worker process per slot for the
@@ -480,8 +516,10 @@ def run_search(
 
     trials = _trial_rows(grid_result)
     finished = tr.child_runs(client, exp_id, parent)
-    counts = {s: 0 for s in (STATUS_OK, STATUS_FAILED, STATUS_INFEASIBLE)}
+    counts = {s: 0 for s in (STATUS_OK, STATUS_STOPPED, STATUS_FAILED, STATUS_INFEASIBLE)}
     for run in finished:
+        if run.data.tags.get("hybridnas.kind") == REPEAT_KIND:
+            continue
         s = run.data.tags.get("hybridnas.status")
         if s in counts:
             counts[s] += 1
@@ -489,11 +527,24 @@ def run_search(
     starts = [t["started_at"] for t in trials if t.get("started_at") and not t.get("replayed")]
     first_trial_s = (min(starts) - t_start) if starts and not resume else None
 
-    front, exported, files = None, [], []
+    front, exported, files, fidelity_lines, reached = None, [], [], [], {}
+    rep_summary: dict = {}
+    if not interrupted and exp.search.repeats:
+        with parent_guard(client, parent):
+            rep_summary = run_repeats(
+                exp, client, uri, exp_id, parent, out, objectives, rungs, say, progress=progress
+            )
+        interrupted = rep_summary["interrupted"]
     if interrupted:
         client.update_run(parent, status="KILLED")
         say(
-            f"interrupted: {sum(counts.values())}/{n_trials} trials finished; continue with: "
+            f"interrupted: {sum(counts.values())}/{n_trials} trials"
+            + (
+                f" and {rep_summary['finished']}/{rep_summary['members'] * exp.search.repeats} repeats"
+                if rep_summary
+                else ""
+            )
+            + " finished; continue with: "
             f"hybridnas search {exp.path or '<file>'} --resume" + (f" --out {out}" if out_dir else "")
         )
     else:
@@ -524,6 +575,9 @@ def run_search(
         finally:
             if shutdown is not None:
                 shutdown.join()
+        reached, fidelity_lines = fidelity_report(
+            client, exp_id, parent, exp.search, exp.train.epochs, front if front is not None else None
+        )
         timings["finish_s"] = time.time() - t
         state["finished"] = True
         write_state(out, state)
@@ -545,6 +599,9 @@ def run_search(
         calibration=cal,
         timings=timings,
         ui_command=tr.ui_command(uri),
+        reached=reached,
+        fidelity=fidelity_lines,
+        repeats=rep_summary,
     )
 
 

@@ -20,7 +20,7 @@ from ray.tune.search import Searcher
 
 from hybridnas.runners.files import atomic_write
 from hybridnas.runners.internals import restore_sampler_locks, sampler_without_locks
-from hybridnas.runners.trial import STATUS_INFEASIBLE, STATUS_OK, proposal
+from hybridnas.runners.trial import STATUS_INFEASIBLE, STATUS_OK, STATUS_STOPPED, proposal
 from hybridnas.search_space.errors import SpecError
 
 MAX_RESAMPLE = 50  # duplicate proposals skipped before a duplicate is accepted (tiny spaces)
@@ -185,6 +185,11 @@ class ArchSearcher(Searcher):
       trained: accuracy and training time 0; its constraint values, set when it was sampled, mark
       it infeasible, so constrained samplers rank it below every feasible trial);
     - failed trials (raised, diverged, worker lost) are told FAIL: no value is made up for them;
+    - trials a scheduler stopped at a rung (asha, moasha) are told COMPLETE with their values at
+      that rung, the rung (its epoch) recorded as the user attribute ``rung``: so NSGA-II's
+      generations fill up and TPE sees them among the worse trials, where marking them pruned would
+      leave NSGA-II (which breeds from complete trials only) in its random first generation for
+      most of a moasha search (`hybridnas bench efficiency` replays both samplers this way);
     - an architecture this search already proposed is not run again: its Optuna trial is closed
       (with the twin's values when known) and another one is asked for.
 
@@ -198,7 +203,10 @@ class ArchSearcher(Searcher):
         sampler: Any,
         objectives: Sequence[tuple[str, str]],
         replay_name: str = "",
+        stopping: bool = False,
     ) -> None:
+        """``stopping``: a scheduler may stop trials at a rung; a trial that completes on a per-epoch
+        result was stopped there (without a scheduler that would be a failure)."""
         super().__init__(metric=None, mode=None)
         import optuna
 
@@ -210,7 +218,9 @@ class ArchSearcher(Searcher):
         self.open: dict[str, int] = {}  # Ray trial id -> Optuna trial number, until told
         self.arch_values: dict[str, list[float]] = {}  # arch hash -> objective values told
         self.trial_hash: dict[str, str] = {}  # Ray trial id -> arch hash
+        self.stopping = stopping
         self._resumed = False
+        self._asked: dict[int, Any] = {}  # Optuna trial number -> its Trial, until told (not pickled)
 
     # -- Tune's Searcher interface ----------------------------------------------------------
 
@@ -222,6 +232,7 @@ class ArchSearcher(Searcher):
             self._enqueue_lost_trials()
         for _ in range(MAX_RESAMPLE):
             trial = self.study.ask()
+            self._asked[trial.number] = trial
             config = self.suggester(trial)
             if "duplicate_of" not in config:
                 break
@@ -231,6 +242,7 @@ class ArchSearcher(Searcher):
             # The space is (nearly) exhausted: take the sampler's next choice even if trained before.
             self._tell(trial.number, None)
             trial = self.study.ask()
+            self._asked[trial.number] = trial
             self.suggester.allow_duplicates = True
             try:
                 config = self.suggester(trial)
@@ -247,7 +259,11 @@ class ArchSearcher(Searcher):
         number = self.open.pop(trial_id, None)
         if number is None:
             return
-        values = None if error else self.values_of(result or {})
+        result = result or {}
+        values = None if error else self.values_of(result)
+        rung = self.stopped_at(result) if values is not None else None
+        if rung is not None and number in self._asked:
+            self._asked[number].set_user_attr("rung", rung)
         self._tell(number, values)
         if values is not None and self.trial_hash.get(trial_id):
             self.arch_values[self.trial_hash[trial_id]] = values
@@ -265,21 +281,32 @@ class ArchSearcher(Searcher):
     def __getstate__(self) -> dict:
         with sampler_without_locks(self.study.sampler):
             blob = cloudpickle.dumps(self.study)
-        return {**{k: v for k, v in self.__dict__.items() if k != "study"}, "study": blob}
+        return {**{k: v for k, v in self.__dict__.items() if k not in ("study", "_asked")}, "study": blob}
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         blob = state.pop("study")
         self.__dict__.update(state)
+        self.__dict__.setdefault("stopping", False)
+        self._asked = {}  # a trial open across a resume is told by its number, without its rung
         self.study = pickle.loads(blob) if isinstance(blob, bytes) else blob
         restore_sampler_locks(self.study.sampler)
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def values_of(self, result: Mapping[str, Any]) -> list[float] | None:
-        """The objective values Optuna is told for a finished trial, or None (told FAIL)."""
+    def stopped_at(self, result: Mapping[str, Any]) -> int | None:
+        """The rung (epoch) a scheduler stopped this trial at, None when it was not stopped."""
         status = result.get("status")
-        if status not in (STATUS_OK, STATUS_INFEASIBLE):
+        running = status == "running" and self.stopping
+        if (running or status == STATUS_STOPPED) and int(result.get("epoch") or 0) > 0:
+            return int(result["epoch"])
+        return None
+
+    def values_of(self, result: Mapping[str, Any]) -> list[float] | None:
+        """The objective values Optuna is told for a finished trial (a stopped one: at its rung), or
+        None (told FAIL)."""
+        status = result.get("status")
+        if status not in (STATUS_OK, STATUS_INFEASIBLE) and self.stopped_at(result) is None:
             return None
         values = []
         for metric, _ in self.objectives:
@@ -294,11 +321,12 @@ class ArchSearcher(Searcher):
     def _tell(self, number: int, values: list[float] | None) -> None:
         from optuna.trial import TrialState
 
+        trial = self._asked.pop(number, number)  # the Trial object when at hand (user attributes set)
         try:
             if values is None:
-                self.study.tell(number, state=TrialState.FAIL)
+                self.study.tell(trial, state=TrialState.FAIL)
             else:
-                self.study.tell(number, values if len(values) > 1 else values[0])
+                self.study.tell(trial, values if len(values) > 1 else values[0])
         except Exception as e:  # noqa: BLE001 - a bookkeeping problem must not stop the search
             # GridSampler stops the study once every grid point was asked (the tell went through).
             if "Study.stop" not in str(e):

@@ -32,13 +32,14 @@ FINAL_METRICS = (
     "latency_ms",
     "train_time_s",
     "imgs_per_s",
+    "epochs_trained",
 )
 
 
 EPOCH_METRICS = ("train_loss", "val_acc")
 
 
-FINISHED = ("ok", "failed", "infeasible")
+FINISHED = ("ok", "failed", "infeasible", "stopped")  # stopped: at a rung, by the scheduler
 
 
 _TAG_MAX = 5000  # MLflow caps tag values at 8000 characters; an error's tail is what matters

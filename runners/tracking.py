@@ -15,9 +15,12 @@ Layout (read back by `runners.export` and `runners.pareto`):
   end, pareto.csv, pareto_<a>_vs_<b>.png/html and exported/*.yaml.
 - child run (one per trial): tags ``mlflow.parentRunId``, ``hybridnas.kind=trial``,
   ``hybridnas.trial`` (the Optuna trial number), ``hybridnas.status`` (running | ok | failed |
-  infeasible), ``hybridnas.arch_hash``, ``hybridnas.error`` (failed), ``pareto=true`` (front members);
-  params = the flattened architecture; metrics train_loss and val_acc per epoch (step = epoch) and
-  the finals; artifact arch.yaml.
+  infeasible | stopped), ``hybridnas.arch_hash``, ``hybridnas.error`` (failed), ``hybridnas.rung``
+  (stopped: the epoch of the rung it was stopped at), ``pareto=true`` (front members);
+  params = the flattened architecture; metrics train_loss and val_acc per epoch (step = epoch),
+  ``epochs_trained`` and the finals; artifact arch.yaml.
+- repeat run (one per extra seed of a front member, ``search.repeats``): like a trial's, with
+  ``hybridnas.kind=repeat``, ``hybridnas.repeat_of`` (the trial number) and ``hybridnas.seed``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from hybridnas.runners.store import (
     make_client,
     set_tags,
 )
-from hybridnas.runners.trial import TrialConfig
+from hybridnas.runners.trial import STATUS_STOPPED, TrialConfig
 
 # ---------------------------------------------------------------------------------------------
 # URIs
@@ -85,7 +88,13 @@ class MlflowSearchCallback(Callback):
         constraints: Mapping[str, Any] | None = None,
         total_trials: int = 0,
         say: Callable[[str], None] | None = None,
+        *,
+        stopping: bool = False,
+        repeats: bool = False,
     ) -> None:
+        """``stopping``: a scheduler (asha, moasha) may stop trials at a rung, so a trial that ends
+        on a per-epoch result was stopped there (without one it would be a failure). ``repeats``:
+        this callback logs the repeats of front members (child runs of kind ``repeat``), not trials."""
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -94,6 +103,8 @@ class MlflowSearchCallback(Callback):
             k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in (constraints or {}).items()
         }
         self.total_trials = total_trials
+        self.stopping = stopping
+        self.repeats = repeats
         self._say = say
         self._reset()
 
@@ -105,7 +116,7 @@ class MlflowSearchCallback(Callback):
         self._by_hash: dict[str, str] = {}
         self._done: set[str] = set()  # Ray trial ids whose child run is finished
         self._epochs_logged: dict[str, int] = {}
-        self._counts = {"ok": 0, "failed": 0, "infeasible": 0}
+        self._counts = {"ok": 0, "failed": 0, "infeasible": 0, "stopped": 0}
         self._hv = None
         self._best: tuple[float, str] | None = None
         self._t0 = time.monotonic()
@@ -158,7 +169,7 @@ class MlflowSearchCallback(Callback):
         for run in child_runs(client, self.experiment_id, self.parent_run_id):
             tid = run.data.tags.get("hybridnas.ray_trial_id")
             status = run.data.tags.get("hybridnas.status")
-            if not tid:
+            if not tid or (run.data.tags.get("hybridnas.kind") == "repeat") != self.repeats:
                 continue
             if status in FINISHED:
                 self._runs[tid] = run.info.run_id
@@ -166,7 +177,7 @@ class MlflowSearchCallback(Callback):
                 self._by_hash[key] = run.info.run_id
                 self._done.add(tid)
                 self._counts[status] += 1
-                if status == "ok":
+                if status == "ok" and not self.repeats:
                     self._add_to_front(run.data.metrics, run.data.tags.get("hybridnas.trial", "?"))
             else:
                 # Cut short by the interruption: the trial restarts from scratch, with a new run.
@@ -225,7 +236,9 @@ class MlflowSearchCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = dict(trial.last_result or {})
         status = result.get("status")
-        if status not in FINISHED:  # returned without a final report: a bug, not a result
+        if status == "running" and self.stopping and int(result.get("epoch") or 0) > 0:
+            status = STATUS_STOPPED  # the scheduler stopped it at this rung
+        elif status not in FINISHED:  # returned without a final report: a bug, not a result
             status, result["error"] = "failed", "the trial ended without reporting a result"
         self._finish(trial, status, result, trials)
 
@@ -253,16 +266,20 @@ class MlflowSearchCallback(Callback):
         client = self.client
         number = str(trial_config(trial).get("trial_number", tid))
         finals = {k: result.get(k) for k in FINAL_METRICS}
-        if status != "ok":
+        if status in ("ok", STATUS_STOPPED):
+            finals["epochs_trained"] = result.get("epoch") or result.get("epochs_trained")
+        if status not in ("ok", STATUS_STOPPED):
             finals.pop("val_acc")  # an untrained or broken model has no accuracy to compare
             finals.pop("train_loss")
         epochs = self._epochs_logged.get(tid, 0)
-        if status == "ok" and epochs and int(result.get("epoch", 0)) == epochs:
+        if status in ("ok", STATUS_STOPPED) and epochs and int(result.get("epoch", 0)) == epochs:
             # The last epoch already logged val_acc/train_loss at this step; do not add a twin point.
             finals.pop("val_acc")
             finals.pop("train_loss")
         log_metrics(client, run_id, finals, step=int(result.get("epoch", 0) or 0))
         tags = {"hybridnas.status": status}
+        if status == STATUS_STOPPED:
+            tags["hybridnas.rung"] = str(int(result.get("epoch") or result.get("epochs_trained") or 0))
         for key, tag in (
             ("hostname", "hybridnas.host"),
             ("node_id", "hybridnas.node_id"),
@@ -280,10 +297,10 @@ class MlflowSearchCallback(Callback):
         client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
         self._done.add(tid)
         self._counts[status] += 1
-        if status == "ok":
+        if status == "ok" and not self.repeats:
             self._add_to_front({**finals, "val_acc": result.get("val_acc")}, number)
         n_done = sum(self._counts.values())
-        if self._hv is not None and self._hv.reference is not None:
+        if self._hv is not None and self._hv.reference is not None and not self.repeats:
             log_metrics(client, self.parent_run_id, {"hypervolume": self._hv.value}, step=n_done)
         running = sum(1 for t in trials if t.status == "RUNNING" and t.trial_id != tid)
         self._print(self._line(number, status, result, running))
@@ -310,7 +327,11 @@ class MlflowSearchCallback(Callback):
     def _summary(self) -> str:
         c = self._counts
         total = f"/{self.total_trials}" if self.total_trials else ""
-        text = f"{sum(c.values())}{total} done ({c['ok']} ok, {c['failed']} failed, {c['infeasible']} infeasible)"
+        stopped = f", {c['stopped']} stopped early" if self.stopping else ""
+        text = (
+            f"{sum(c.values())}{total} done ({c['ok']} ok{stopped}, {c['failed']} failed, "
+            f"{c['infeasible']} infeasible)"
+        )
         if self._best is not None:
             metric = self.objectives[0][0]
             text += f"; best {metric} {_human(self._best[0], metric)} (trial {self._best[1]})"
@@ -322,15 +343,17 @@ class MlflowSearchCallback(Callback):
         shown = [m for m, _ in self.objectives] + [
             m for m in ("val_acc", "macs", "params") if m not in dict(self.objectives)
         ]
-        if status == "ok":
+        if status in ("ok", STATUS_STOPPED):
             what = "  ".join(f"{m} {_human(result.get(m), m)}" for m in shown if _finite(result.get(m)))
             what += f"  {float(result.get('train_time_s', 0.0)):.1f}s"
+            if status == STATUS_STOPPED:
+                what = f"at epoch {int(result.get('epoch') or result.get('epochs_trained') or 0)}: {what}"
         elif status == "infeasible":
             what = f"not trained: {result.get('violations', '')}"
         else:
             what = _clip(headline(str(result.get("error") or "")), 140)
         elapsed = time.monotonic() - self._t0
         return (
-            f"[{elapsed:6.0f}s] trial {number:>3} {status:<10} {what}\n"
+            f"[{elapsed:6.0f}s] {'repeat' if self.repeats else 'trial'} {number:>3} {status:<10} {what}\n"
             f"          {self._summary()}; {running} running"
         )

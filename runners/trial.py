@@ -20,6 +20,9 @@ from typing import Any
 from hybridnas.runners.ray_runtime import WORKER_PRELOAD
 
 STATUS_OK, STATUS_FAILED, STATUS_INFEASIBLE = "ok", "failed", "infeasible"
+# Stopped at a rung by the scheduler (asha, moasha): decided by Tune in the driver, never reported
+# by the trainable itself (its last result there says "running").
+STATUS_STOPPED = "stopped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +47,9 @@ class TrialConfig:
     cpus: float = 1.0
     faults: str = ""  # HYBRIDNAS_FAULTS (tests)
     replay: str | None = None  # the name of the resumed search's replay actor
-    run_key: str = ""  # an ablation's (variant, seed) key
+    run_key: str = ""  # an ablation's (variant, seed) key, a repeat's (arch, seed)
     tags: dict = dataclasses.field(default_factory=dict)  # extra MLflow tags of the child run
+    restarts: list = dataclasses.field(default_factory=list)  # epochs where the learning rate restarts
 
     PROPOSAL = (
         "arch",
@@ -57,7 +61,7 @@ class TrialConfig:
         "build_error",
         "optuna_params",
     )
-    RECIPE = ("data", "train", "cpus", "faults", "replay")
+    RECIPE = ("data", "train", "cpus", "faults", "replay", "restarts")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,9 +150,12 @@ def hybridnas_trial(config: dict) -> None:
     """One trial: train ``t.arch`` and report per epoch, then the final metrics.
 
     Reports (``tune.report``) ``status: running`` once per epoch (epoch, train_loss, val_acc,
-    imgs_per_s, epoch_time_s), then one final result with ``status`` ok | failed | infeasible,
-    the driver-computed macs/flops/params/latency_ms, train_time_s and imgs_per_s. Never raises for
-    a bad architecture or a diverging run: the error goes into the result.
+    imgs_per_s, epoch_time_s, the training time so far as train_time_s, and the driver-computed
+    macs/flops/params/latency_ms, so a scheduler can rank trials by every objective at a rung),
+    then one final result with ``status`` ok | failed | infeasible, train_time_s and imgs_per_s.
+    With ``restarts`` (the rungs of asha/moasha) the learning rate anneals at each rung
+    (`runners.train.restart_factor`). Never raises for a bad architecture or a diverging run: the
+    error goes into the result.
     """
     from ray import tune
 
@@ -197,10 +204,11 @@ def hybridnas_trial(config: dict) -> None:
         def on_epoch(m: dict) -> None:
             nonlocal epoch
             epoch = int(m["epoch"])
-            tune.report({**base, **m, "status": "running"})
+            so_far = time.perf_counter() - t_train
+            tune.report({**base, **m, "train_time_s": so_far, "status": "running"})
 
         t_train = time.perf_counter()
-        res = train_model(spec, data, cfg, callback=on_epoch, threads=threads)
+        res = train_model(spec, data, cfg, callback=on_epoch, threads=threads, restarts=t.restarts)
     except Exception as e:  # noqa: BLE001 - recorded as a failed trial; SystemExit (Tune's stop) passes
         tune.report(
             {

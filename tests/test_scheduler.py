@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from hybridnas.runners.pareto import crowding_distance
 from hybridnas.runners.scheduler import (
     CONTINUE,
     PROMOTE,
@@ -22,6 +21,7 @@ from hybridnas.runners.scheduler import (
     MOASHAScheduler,
     PersistentASHAScheduler,
     PromotionRule,
+    crowding_distance,
     make_scheduler,
     rungs_for,
 )
@@ -225,6 +225,8 @@ def test_asha_is_rays_on_the_first_objective_and_keeps_its_state_too(tmp_path):
         sched.on_trial_add(None, tr)
     assert sched.on_trial_result(None, t[0], result(1, 0.9, 9e9)) == TrialScheduler.CONTINUE
     assert sched.on_trial_result(None, t[1], result(1, 0.5, 1.0)) == TrialScheduler.STOP  # macs ignored
+    # The full budget: the trial finishes itself (its final report carries the final metrics).
+    assert sched.on_trial_result(None, t[0], result(9, 0.1, 9e9)) == TrialScheduler.CONTINUE
     restored = pickle.loads(pickled)
     for tr in t:
         restored.on_trial_add(None, tr)
