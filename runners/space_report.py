@@ -88,6 +88,17 @@ def report(exp: Experiment, say: Callable[[str], None], samples: int = 3, seed: 
         f"  search: {s.sampler}, {s.trials} trials, concurrency {s.concurrency}, seed {s.seed}; "
         f"per trial cpu {exp.resources.cpu:g}, gpu {exp.resources.gpu:g}"
     )
+    rungs = s.rungs(exp.train.epochs)
+    if rungs or s.repeats:
+        p(
+            f"  scheduler: {s.scheduler}"
+            + (
+                f", rungs at epoch(s) {', '.join(map(str, rungs))}, reduction factor {s.reduction_factor}"
+                if rungs
+                else ""
+            )
+            + (f"; repeats: {s.repeats} more seed(s) per front member" if s.repeats else "")
+        )
     params = space.params()
     p("")
     p(f"space: {len(space.stages)} stages, {space.size():,} distinct architectures, {len(params)} parameters")

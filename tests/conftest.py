@@ -16,13 +16,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def latency_cache(tmp_path_factory):
+    """A private latency-table cache, shared by the modules a test process runs: the search tests'
+    spaces are calibrated once, not once per module."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
+def ray_local(latency_cache):
     """One local Ray per test module (started like a search starts it), and a private
     latency-table cache."""
     from hybridnas.runners.ray_runtime import init_ray
 
-    os.environ["HYBRIDNAS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["HYBRIDNAS_CACHE_DIR"] = str(latency_cache)
     import ray
 
     if not ray.is_initialized():

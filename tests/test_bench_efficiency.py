@@ -12,7 +12,15 @@ import pytest
 from optuna.trial import TrialState
 
 from hybridnas.runners.bench.curves import CurveTable, build
-from hybridnas.runners.bench.efficiency import Replay, Trace, full_training_s, replay_all, report
+from hybridnas.runners.bench.efficiency import (
+    Replay,
+    Trace,
+    full_training_s,
+    replay_all,
+    report,
+    schedule_report,
+    trials_for,
+)
 from hybridnas.search_space import Experiment
 
 EPOCHS = 9
@@ -60,7 +68,11 @@ def synthetic_table(exp) -> CurveTable:
         if macs <= CAP:
             archs[-1]["acc"] = [[float(a) for a in c] for c in curves]
             archs[-1]["epoch_s"] = [[0.5 + 0.1 * size] * EPOCHS for _ in range(2)]
-    return CurveTable(OBJECTIVES, {"macs": {"max": CAP}}, EPOCHS, archs)
+            # One schedule over the whole budget: less annealed early, the same at the end.
+            archs[-1]["acc_plain"] = [
+                float(a) for a in np.minimum(curves[0], final * (1 - 0.8 ** np.arange(1, EPOCHS + 1)))
+            ]
+    return CurveTable(OBJECTIVES, {"macs": {"max": CAP}}, EPOCHS, archs, {"plain": len(archs)})
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +201,19 @@ def test_build_trains_each_feasible_architecture_twice_and_continues_a_partial_t
     redone = again.archs[table.feasible[0]]["acc"]
     assert redone[0] == kept and len(redone) == 2
     assert "] 1/1 trainings" in log.getvalue()  # only the missing seed was trained
+
+
+def test_the_sampler_is_set_up_for_the_trials_that_fit_the_budget(table):
+    hints = trials_for(table, budget_trainings=10, rungs=(1, 3), eta=3)
+    feasible = len(table.feasible) / len(table.archs)
+    assert hints["fifo"] == round(10 / feasible)
+    # moasha trains 1 + 2/3 + 6/9 epochs per trial on average, not 9: about 3.9x the trials.
+    assert hints["moasha"] == round(hints["fifo"] * 9 / (1 + 2 / 3 + 6 / 9))
+
+
+def test_schedule_report_compares_the_two_schedules_at_each_rung(table):
+    lines = schedule_report(table, (1, 3))
+    assert lines[0].startswith(f"learning rate at the rungs ({len(table.feasible)} architectures")
+    assert lines[1].startswith("  epoch 1: annealed at each rung") and lines[2].startswith("  epoch 3:")
+    assert "two seeds differ by" in lines[3]
+    assert schedule_report(table, ()) == []

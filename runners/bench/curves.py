@@ -31,6 +31,7 @@ import numpy as np
 
 FORMAT = 1
 SEEDS = (0, 1)
+PLAIN = -1  # the job "seed" of a training with the plain schedule (no restarts), seed SEEDS[0]
 
 
 @dataclasses.dataclass
@@ -39,7 +40,8 @@ class CurveTable:
 
     ``archs[i]`` holds ``arch`` (the spec as a dict), ``flat`` (its flat parameters), ``measures``
     (macs, flops, params, latency_ms), ``feasible`` and, when feasible, ``acc[seed][epoch]`` and
-    ``epoch_s[seed][epoch]`` (epoch 1 at index 0).
+    ``epoch_s[seed][epoch]`` (epoch 1 at index 0). The first ``info["plain"]`` trained ones also
+    have ``acc_plain[epoch]``: seed 0 with the learning rate annealed once over the whole budget.
     """
 
     objectives: list[tuple[str, str]]
@@ -53,7 +55,18 @@ class CurveTable:
         return [i for i, a in enumerate(self.archs) if a["feasible"]]
 
     def complete(self) -> bool:
-        return all(len(self.archs[i].get("acc") or []) == len(SEEDS) for i in self.feasible)
+        return not self.missing()
+
+    def missing(self) -> list[tuple[int, int]]:
+        """(arch, seed) trainings not in the table yet; seed `PLAIN` for the plain-schedule ones."""
+        jobs = [
+            (i, s)
+            for i in self.feasible
+            for s in range(len(SEEDS))
+            if len(self.archs[i].get("acc") or []) <= s
+        ]
+        plain = self.feasible[: int(self.info.get("plain", 0))]
+        return jobs + [(i, PLAIN) for i in plain if "acc_plain" not in self.archs[i]]
 
     def true_points(self) -> np.ndarray:
         """(n, m) objective values with the seed-mean final accuracy; NaN rows for infeasible ones."""
@@ -150,6 +163,7 @@ def build(
     *,
     seed: int = 0,
     restarts: Sequence[int] = (),
+    plain: int = 0,
     workers: int = 2,
     path: Path | None = None,
     stream: Any = None,
@@ -158,8 +172,9 @@ def build(
     """The table for ``exp`` with ``n_feasible`` trained architectures: from the cache when it is
     there (a partial one is completed), else sampled, measured and trained now.
 
-    ``restarts``: the epochs at which the learning-rate schedule restarts (`runners.train.lr_factor`);
-    ``measure(spec)``: macs/flops/params/latency_ms of an architecture (default: as a search measures).
+    ``restarts``: the epochs at which the learning-rate schedule restarts (`runners.train.restart_factor`);
+    ``plain``: how many of the architectures also train once with the plain schedule (no restarts),
+    to compare the two; ``measure(spec)``: macs/flops/params/latency_ms of an architecture (default: as a search measures).
     """
     stream = stream or sys.stderr
     objectives = [(o.metric, o.mode) for o in exp.objectives]
@@ -179,6 +194,7 @@ def build(
         "seed": seed,
         "seeds": SEEDS,
         "restarts": list(restarts),
+        "plain": plain if restarts else 0,
         "latency": dataclasses.asdict(exp.latency),
         "version": __version__,
     }
@@ -189,11 +205,14 @@ def build(
             return table, path
     else:
         table = _sample(exp, n_feasible, seed, objectives, constraints, measure)
-        table.info = {"restarts": list(restarts), "seeds": list(SEEDS), "experiment": exp.name}
+        table.info = {
+            "restarts": list(restarts),
+            "seeds": list(SEEDS),
+            "experiment": exp.name,
+            "plain": plain if restarts else 0,
+        }
         _save(path, table)
-    jobs = [
-        (i, s) for i in table.feasible for s in range(len(SEEDS)) if len(table.archs[i].get("acc") or []) <= s
-    ]
+    jobs = table.missing()
     for i in table.feasible:
         table.archs[i].setdefault("acc", [])
         table.archs[i].setdefault("epoch_s", [])
@@ -204,6 +223,12 @@ def build(
     t0, done, results = time.perf_counter(), 0, {}
     _progress(0, len(jobs), t0, stream)
     for (i, s), res in _run(jobs, table, train_cfg, data_cfg, restarts, workers):
+        if s == PLAIN:
+            table.archs[i]["acc_plain"] = res["acc"]
+            done += 1
+            _save(path, table)
+            _progress(done, len(jobs), t0, stream)
+            continue
         results[i, s] = res
         # Seeds are stored in order: write every arch whose earlier seeds are in.
         for j, k in sorted(results):
@@ -231,6 +256,8 @@ def _run(
     process itself when ``workers`` is 1 (its torch threads restored afterwards)."""
 
     def args(i: int, s: int) -> tuple:
+        if s == PLAIN:
+            return table.archs[i]["arch"], {**train_cfg, "seed": SEEDS[0]}, []
         return table.archs[i]["arch"], {**train_cfg, "seed": SEEDS[s]}, list(restarts)
 
     if workers <= 1:

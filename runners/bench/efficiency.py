@@ -44,6 +44,7 @@ STRATEGIES = (("random", "fifo"), ("nsga2", "fifo"), ("random", "moasha"), ("nsg
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 MAX_RESAMPLE = 50  # as the search: duplicate proposals skipped before giving up on new ones
 TARGET_VS_NSGA2, TARGET_VS_RANDOM = 0.5, 1 / 3
+PLAIN = 16  # architectures also trained with the plain learning-rate schedule, to compare
 
 
 @dataclasses.dataclass
@@ -84,7 +85,7 @@ class Replay:
         concurrency: int,
         rungs: Sequence[int],
         eta: int,
-        trials_hint: int,
+        trials_hint: int | dict[str, int],
     ) -> None:
         from hybridnas.runners.pareto import hypervolume
 
@@ -122,6 +123,10 @@ class Replay:
             codes[v] = len(codes)
         return codes[v]
 
+    def hint(self, scheduler: str) -> int:
+        h = self.trials_hint
+        return int(h[scheduler]) if isinstance(h, dict) else int(h)
+
     def nearest(self, spec: Any) -> tuple[int, int]:
         """(index, number of differing choices) of the table architecture closest to ``spec``."""
         flat = spec.flat_params()
@@ -139,7 +144,11 @@ class Replay:
 
     def run(self, sampler: str, scheduler: str, rep: int, budget: float) -> Trace:
         """One search with ``sampler`` and ``scheduler`` (fifo | moasha), seeded by ``rep``, until
-        ``budget`` seconds of compute are spent or no new architecture is proposed."""
+        ``budget`` seconds of compute are spent or no new architecture is proposed.
+
+        The sampler is set up for ``trials_hint`` trials (per scheduler when a dict): what the
+        experiment file would say for a search of that budget (NSGA-II's population, TPE's start).
+        """
         import optuna
         from optuna.trial import TrialState
 
@@ -150,7 +159,7 @@ class Replay:
         table, archs, epochs = self.table, self.table.archs, self.table.epochs
         study = optuna.create_study(
             directions=["maximize" if m == "max" else "minimize" for m in self.modes],
-            sampler=make_sampler(sampler, rep, self.trials_hint),
+            sampler=make_sampler(sampler, rep, self.hint(scheduler)),
         )
         n_seeds = min(len(archs[i]["acc"]) for i in table.feasible)
         seed_of = np.random.default_rng([rep, 13]).integers(0, n_seeds, len(archs))
@@ -232,6 +241,50 @@ class Replay:
         return trace
 
 
+def trials_for(table: CurveTable, budget_trainings: float, rungs: Sequence[int], eta: int) -> dict[str, int]:
+    """The trials a search file would ask for to spend ``budget_trainings`` full trainings of
+    compute: fifo trains every feasible trial to the end; moasha about ``1/eta^k`` of them past the
+    k-th rung (so many more trials fit), and neither pays for an infeasible one."""
+    feasible = len(table.feasible) / len(table.archs)
+    points = [*rungs, table.epochs]
+    per_trial, share = points[0], 1.0
+    for a, b in zip(points, points[1:]):
+        share /= eta
+        per_trial += share * (b - a)
+    fifo = max(1, round(budget_trainings / feasible))
+    return {"fifo": fifo, "moasha": max(1, round(fifo * table.epochs / per_trial))}
+
+
+def schedule_report(table: CurveTable, rungs: Sequence[int]) -> list[str]:
+    """The learning-rate schedule at the rungs: how well the accuracy there ranks the final one
+    (Kendall tau against the seed mean at the full budget), annealed at each rung (what moasha
+    trains) or once over the whole budget, and what restarting costs at the end."""
+    from hybridnas.runners.fidelity import kendall_tau
+
+    archs = [table.archs[i] for i in table.feasible if "acc_plain" in table.archs[i]]
+    if len(archs) < 3 or not rungs:
+        return []
+    truth = [float(np.mean([acc[-1] for acc in a["acc"]])) for a in archs]
+    lines = [
+        f"learning rate at the rungs ({len(archs)} architectures; Kendall tau of the accuracy at a rung "
+        "against the seed-mean accuracy at the full budget):"
+    ]
+    for r in rungs:
+        restarted = kendall_tau([a["acc"][0][r - 1] for a in archs], truth)
+        plain = kendall_tau([a["acc_plain"][r - 1] for a in archs], truth)
+        lines.append(
+            f"  epoch {r}: annealed at each rung {restarted:.2f}, one schedule over the budget {plain:.2f}"
+        )
+    final = np.array([a["acc"][0][-1] - a["acc_plain"][-1] for a in archs])
+    seeds = np.array([abs(a["acc"][0][-1] - a["acc"][1][-1]) for a in archs])
+    lines.append(
+        f"  at the end: annealed at each rung minus one schedule, same seed: mean {100 * final.mean():+.2f} "
+        f"points (median |difference| {100 * np.median(abs(final)):.2f}); two seeds differ by "
+        f"{100 * np.median(seeds):.2f} points (median)"
+    )
+    return lines
+
+
 def full_training_s(table: CurveTable) -> float:
     """Mean compute of one full-budget training over the table's trained architectures."""
     return float(np.mean([np.sum(t) for i in table.feasible for t in table.archs[i]["epoch_s"]]))
@@ -297,7 +350,7 @@ def main(args: argparse.Namespace) -> int:
     quick = bool(getattr(args, "quick", False))
     path = getattr(args, "experiment", None) or quickstart_path("pass --experiment FILE")
     exp = Experiment.from_yaml(path)
-    n = getattr(args, "archs", None) or (6 if quick else 64)
+    n = getattr(args, "archs", None) or (6 if quick else 56)
     reps = getattr(args, "reps", None) or 20
     budget_trainings = getattr(args, "budget", None) or (3 if quick else 12)
     for key, v, lo in (("--archs", n, 4), ("--reps", reps, 1), ("--budget", budget_trainings, 1)):
@@ -319,19 +372,23 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # The curves are trained as a moasha search trains its trials: the learning rate restarts at the
     # rungs (`runners.train.restart_factor`; the final accuracy is the same as without, within seed noise).
-    table, cached = build(exp, n, seed=s.seed, restarts=rungs)
+    table, cached = build(exp, n, seed=s.seed, restarts=rungs, plain=min(n, 4 if quick else PLAIN))
     print(
         f"table: {len(table.archs)} architectures sampled, {len(table.feasible)} trained, "
         f"{len(table.archs) - len(table.feasible)} over a constraint; built in "
         f"{table.info.get('build_s', 0.0) / 60:.1f} min ({'read from' if time.perf_counter() - t0 < 5 else 'now in'} {cached})"
     )
+    for line in schedule_report(table, rungs):
+        print(line)
     unit = full_training_s(table)
     budget = budget_trainings * unit
-    replay = Replay(table, exp.space, exp.input, s.concurrency, rungs, eta, s.trials)
+    hints = trials_for(table, budget_trainings, rungs, eta)
+    replay = Replay(table, exp.space, exp.input, s.concurrency, rungs, eta, hints)
     print(
         f"replay: {reps} repetitions per strategy, concurrency {s.concurrency}, budget {budget:,.0f} s of "
         f"compute (= {budget_trainings} full trainings of {unit:.1f} s); moasha rungs at epoch(s) "
-        f"{', '.join(map(str, rungs))} of {exp.train.epochs} (eta {eta})"
+        f"{', '.join(map(str, rungs))} of {exp.train.epochs} (eta {eta}); samplers set up for "
+        f"{hints['fifo']} trials (fifo) and {hints['moasha']} (moasha), what fits the budget"
     )
     t0 = time.perf_counter()
     traces = replay_all(replay, reps, budget)

@@ -53,7 +53,9 @@ def run_one(exp: Any, quick: bool) -> dict:
     from hybridnas.runners.search import calibrate_latency, run_search
     from hybridnas.runners.store import make_client
 
-    exp = dataclasses.replace(exp, search=dataclasses.replace(exp.search, concurrency=CONCURRENCY))
+    # No repeats: their trainings run in a second Tuner whose trials `res.trials` does not list, so
+    # their training time would count as overhead.
+    exp = dataclasses.replace(exp, search=dataclasses.replace(exp.search, concurrency=CONCURRENCY, repeats=0))
     with tempfile.TemporaryDirectory(prefix="hybridnas-bench-search-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         # Create the store first: a new SQLite store runs MLflow's schema migrations (seconds), a

@@ -1,0 +1,206 @@
+"""`scheduler: moasha` and `repeats` end to end: Ray Tune + Optuna + MLflow on tiny synthetic data.
+
+One moasha search with repeats is shared by most tests; a second one is killed mid-way and resumed.
+Everything is read back through `MlflowClient`, as a user (or `hybridnas export`) sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from hybridnas.runners.pareto import non_dominated
+from hybridnas.runners.scheduler import PromotionRule
+from hybridnas.runners.search import SCHEDULER_STATE, apply_overrides, run_search
+from hybridnas.runners.store import child_runs
+from hybridnas.search_space.errors import SpecError
+from hybridnas.search_space.experiment import Experiment
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS, RUNGS = 4, (1, 2)  # min_epochs 1, reduction factor 2
+
+
+def _experiment(tmp: Path, name: str, **search) -> Experiment:
+    d = {
+        "name": name,
+        "data": {"dataset": "synthetic", "size": 8, "channels": 1, "classes": 4, "samples": 256, "seed": 0},
+        "train": {"epochs": EPOCHS, "batch_size": 32, "lr": 0.003},
+        "space": {
+            "stem": {"channels": 8},
+            "stages": [
+                {"mixer": ["conv", "window"], "depth": 1, "channels": 8, "addon": ["none", "gc"]},
+                {"mixer": ["conv", "window"], "depth": 1, "channels": [8, 16], "downsample": ["conv", "spd"]},
+            ],
+            "mixer_options": {"window": {"window": [2, 4], "heads": [2]}},
+        },
+        "objectives": ["val_acc", "macs"],
+        "search": {
+            "sampler": "nsga2",
+            "trials": 10,
+            "concurrency": 2,
+            "seed": 0,
+            "scheduler": "moasha",
+            "min_epochs": 1,
+            "reduction_factor": 2,
+            **search,
+        },
+        "resources": {"cpu": 1},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": name},
+        "out_dir": str(tmp / "out" / name),
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return Experiment.from_yaml(path)
+
+
+def _runs(client: MlflowClient, name: str, parent: str, kind: str = "trial") -> list:
+    exp = client.get_experiment_by_name(name)
+    return [r for r in child_runs(client, exp.experiment_id, parent) if r.data.tags["hybridnas.kind"] == kind]
+
+
+def _history(client: MlflowClient, run) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
+
+
+@pytest.fixture(scope="module")
+def moasha(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("moasha")
+    exp = _experiment(tmp, "moasha", repeats=1)
+    res = run_search(exp, progress=None)
+    return exp, res, MlflowClient(res.tracking_uri)
+
+
+def test_trials_stop_at_rung_boundaries_and_mlflow_records_status_epochs_and_rung(moasha):
+    exp, res, client = moasha
+    trials = _runs(client, "moasha", res.parent_run_id)
+    assert len(trials) == exp.search.trials == sum(res.counts.values())
+    statuses = [t.data.tags["hybridnas.status"] for t in trials]
+    assert set(statuses) <= {"ok", "stopped"} and "stopped" in statuses and "ok" in statuses
+    for t in trials:
+        epochs = int(t.data.metrics["epochs_trained"])
+        if t.data.tags["hybridnas.status"] == "stopped":
+            assert int(t.data.tags["hybridnas.rung"]) == epochs and epochs in RUNGS
+            assert t.info.status == "FINISHED"
+        else:
+            assert epochs == EPOCHS and "hybridnas.rung" not in t.data.tags
+        assert _history(client, t) == list(range(1, epochs + 1))  # one val_acc per trained epoch
+    # The parent counts the trials that trained to each rung and to the end.
+    parent = client.get_run(res.parent_run_id).data
+    trained = [int(t.data.metrics["epochs_trained"]) for t in trials]
+    for e in (*RUNGS, EPOCHS):
+        assert parent.metrics[f"trials_at_epoch{e}"] == sum(x >= e for x in trained) == res.reached[e]
+    assert parent.params["scheduler"] == "moasha" and parent.params["rungs"] == "1, 2"
+    # The scheduler's records agree with MLflow: every trial reached rung 1, the stopped ones stayed.
+    rule = PromotionRule.from_state(json.loads((res.out_dir / SCHEDULER_STATE).read_text()))
+    assert rule.reached()[1] == len(trials)
+    assert sum(rule.reached()[r] - rule.promoted()[r] for r in RUNGS) == statuses.count("stopped")
+
+
+def test_repeats_are_logged_and_the_front_is_recomputed_on_seed_means(moasha):
+    exp, res, client = moasha
+    trials = {t.data.tags["hybridnas.trial"]: t for t in _runs(client, "moasha", res.parent_run_id)}
+    repeats = _runs(client, "moasha", res.parent_run_id, kind="repeat")
+    assert repeats and len(repeats) == res.repeats["members"] * exp.search.repeats
+    for r in repeats:
+        tags = r.data.tags
+        assert tags["hybridnas.status"] == "ok" and tags["hybridnas.seed"] == str(exp.train.seed + 1)
+        original = trials[tags["hybridnas.repeat_of"]]
+        assert original.data.tags["hybridnas.status"] == "ok"
+        assert tags["hybridnas.arch_hash"] == original.data.tags["hybridnas.arch_hash"]
+        assert int(r.data.metrics["epochs_trained"]) == EPOCHS
+        m = original.data.metrics
+        seeds = [m["val_acc"], r.data.metrics["val_acc"]]
+        assert m["seeds"] == 2 and m["val_acc_mean"] == pytest.approx(np.mean(seeds))
+        assert m["val_acc_sd"] == pytest.approx(np.std(seeds, ddof=1))
+    # pareto.csv: val_acc is the seed mean, and the front is the front of the means.
+    csv = pd.read_csv(res.out_dir / "pareto" / "pareto.csv")
+    for _, row in csv.iterrows():
+        m = trials[str(row["trial"])].data.metrics
+        assert row["val_acc"] == pytest.approx(m.get("val_acc_mean", m["val_acc"]))
+        assert row["seeds"] == m.get("seeds", 1)
+    front = non_dominated(csv[["val_acc", "macs"]].to_numpy(), ["max", "min"])
+    assert (csv["pareto"].to_numpy() == front).all()
+    assert {"val_acc_sd", "indistinct"} <= set(csv.columns)
+    # Exported files carry the seed means.
+    for f in res.exported:
+        exported = yaml.safe_load(f.read_text())
+        trial = exported["provenance"]["trial"]
+        m = trials[str(trial)].data.metrics
+        assert exported["metrics"]["val_acc"] == pytest.approx(m.get("val_acc_mean", m["val_acc"]))
+
+
+def test_fidelity_metrics_exist_and_lie_between_minus_one_and_one(moasha):
+    _, res, client = moasha
+    metrics = client.get_run(res.parent_run_id).data.metrics
+    taus = {k: v for k, v in metrics.items() if k.startswith("fidelity_tau_")}
+    assert all(-1.0 <= v <= 1.0 for v in taus.values())
+    # A tau for every pair of successive fidelities that at least three trials reached.
+    pairs = [(1, 2, res.reached[2]), (2, EPOCHS, res.reached[EPOCHS])]
+    assert {f"fidelity_tau_epoch{a}_epoch{b}" for a, b, n in pairs if n >= 3} <= set(taus)
+    assert res.reached[2] >= 3  # 10 trials, about half go on from epoch 1
+    assert all(metrics[k.replace("_tau_", "_n_")] >= 3 for k in taus)
+    assert res.fidelity and res.fidelity[0].startswith("epoch 1 -> epoch 2: tau")
+
+
+def test_an_epochs_override_below_the_first_rung_is_refused(tmp_path):
+    exp = _experiment(tmp_path, "override")
+    with pytest.raises(SpecError, match="search.min_epochs"):
+        apply_overrides(exp, epochs=1)
+
+
+def test_resume_of_an_interrupted_moasha_search_trains_nothing_twice(ray_local, tmp_path):
+    exp = _experiment(tmp_path, "resumed", trials=6, seed=3)
+    address = ray_local.get_runtime_context().gcs_address
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client.search_experiments()  # create the store now: two processes migrating a new SQLite file race
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from hybridnas.runners.cli import main; sys.exit(main(sys.argv[1:]))",
+         "search", exp.path, "--address", address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    before: dict[str, tuple[str, str]] = {}
+    while len(before) < 2:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the first driver did not finish 2 trials in time"
+        time.sleep(0.2)
+        exp_ = client.get_experiment_by_name("resumed")
+        parents = exp_ and client.search_runs([exp_.experiment_id], "tags.`hybridnas.kind` = 'search'")
+        if parents:
+            before = {
+                r.info.run_id: (r.data.tags["hybridnas.arch_hash"], r.data.tags["hybridnas.status"])
+                for r in child_runs(client, exp_.experiment_id, parents[0].info.run_id)
+                if r.data.tags["hybridnas.status"] in ("ok", "stopped")
+            }
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    res = run_search(exp, resume=True, progress=None)
+    assert not res.interrupted
+    trials = _runs(client, "resumed", res.parent_run_id)
+    assert len(trials) == 6 and all(t.data.tags["hybridnas.status"] in ("ok", "stopped") for t in trials)
+    hashes = [t.data.tags["hybridnas.arch_hash"] for t in trials]
+    assert len(set(hashes)) == 6  # no architecture trained twice
+    after = {
+        t.info.run_id: (t.data.tags["hybridnas.arch_hash"], t.data.tags["hybridnas.status"]) for t in trials
+    }
+    assert all(after[run_id] == kept for run_id, kept in before.items())  # finished runs kept as they were
+    for t in trials:  # no run holds a second training's epochs
+        assert _history(client, t) == list(range(1, int(t.data.metrics["epochs_trained"]) + 1))
+    # The rungs were not forgotten: the scheduler's records count every trial that reached rung 1.
+    rule = PromotionRule.from_state(json.loads((Path(exp.out_dir) / SCHEDULER_STATE).read_text()))
+    assert rule.reached()[1] == 6
