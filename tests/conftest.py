@@ -1,4 +1,9 @@
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,3 +41,45 @@ def ray_local(latency_cache):
         init_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def killed_search():
+    """`search_killed_after`: a search whose driver is killed part-way (the resume tests)."""
+    return search_killed_after
+
+
+def search_killed_after(ray, exp, cwd, n: int, statuses=("ok",), timeout: float = 300) -> dict:
+    """Run ``hybridnas search`` on ``exp`` in a second driver that joins this module's Ray (so only
+    the driver dies), and kill it with SIGKILL, no chance to save anything, once ``n`` of its trials
+    have one of ``statuses`` in MLflow. Returns ``{run_id: (arch_hash, status)}`` of those trials."""
+    from mlflow import MlflowClient
+
+    from hybridnas.runners.store import child_runs
+
+    client = MlflowClient(exp.tracking.uri)
+    client.search_experiments()  # create the store now: two processes migrating a new SQLite file race
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from hybridnas.runners.cli import main; sys.exit(main(sys.argv[1:]))",
+         "search", exp.path, "--address", address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd,
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    before: dict = {}
+    while len(before) < n:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, f"the first driver did not finish {n} trials in time"
+        time.sleep(0.2)
+        found = client.get_experiment_by_name(exp.tracking.experiment)
+        parents = found and client.search_runs([found.experiment_id], "tags.`hybridnas.kind` = 'search'")
+        if parents:
+            before = {
+                r.info.run_id: (r.data.tags["hybridnas.arch_hash"], r.data.tags["hybridnas.status"])
+                for r in child_runs(client, found.experiment_id, parents[0].info.run_id)
+                if r.data.tags["hybridnas.status"] in statuses
+            }
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return before

@@ -399,39 +399,15 @@ def test_search_logs_to_a_real_mlflow_server(ray_local, tmp_path, mlflow_server)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_resume_after_a_killed_driver_keeps_finished_trials_and_the_count(ray_local, tmp_path):
+def test_resume_after_a_killed_driver_keeps_finished_trials_and_the_count(ray_local, tmp_path, killed_search):
     exp = _experiment(
         tmp_path,
         "resumed",
         {"sampler": "nsga2", "trials": 6, "concurrency": 2, "seed": 3},
         train={"epochs": 3, "batch_size": 16, "lr": 0.003},
     )
-    # The first driver joins this module's Ray (so only the driver dies) and is killed with SIGKILL
-    # once two trials are in MLflow: no chance to save anything.
-    address = ray_local.get_runtime_context().gcs_address
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    client.search_experiments()  # create the store now: two processes migrating a new SQLite file race
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from hybridnas.runners.cli import main; sys.exit(main(sys.argv[1:]))",
-         "search", exp.path, "--address", address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    before: dict[str, str] = {}
-    while len(before) < 2:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the first driver did not finish 2 trials in time"
-        time.sleep(0.2)
-        exp_ = client.get_experiment_by_name("resumed")
-        if exp_ is None:
-            continue
-        parents = client.search_runs([exp_.experiment_id], "tags.`hybridnas.kind` = 'search'")
-        if parents:
-            runs = child_runs(client, exp_.experiment_id, parents[0].info.run_id)
-            before = {r.info.run_id: r.data.tags["hybridnas.arch_hash"] for r in runs if _status(r) == "ok"}
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    before = killed_search(ray_local, exp, tmp_path, 2)  # SIGKILL once two trials are in MLflow
     assert len(before) < 6
 
     res = run_search(exp, resume=True, progress=False)

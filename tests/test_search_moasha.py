@@ -7,11 +7,6 @@ Everything is read back through `MlflowClient`, as a user (or `hybridnas export`
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -161,33 +156,10 @@ def test_an_epochs_override_below_the_first_rung_is_refused(tmp_path):
         apply_overrides(exp, epochs=1)
 
 
-def test_resume_of_an_interrupted_moasha_search_trains_nothing_twice(ray_local, tmp_path):
+def test_resume_of_an_interrupted_moasha_search_trains_nothing_twice(ray_local, tmp_path, killed_search):
     exp = _experiment(tmp_path, "resumed", trials=6, seed=3)
-    address = ray_local.get_runtime_context().gcs_address
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    client.search_experiments()  # create the store now: two processes migrating a new SQLite file race
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from hybridnas.runners.cli import main; sys.exit(main(sys.argv[1:]))",
-         "search", exp.path, "--address", address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    before: dict[str, tuple[str, str]] = {}
-    while len(before) < 2:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the first driver did not finish 2 trials in time"
-        time.sleep(0.2)
-        exp_ = client.get_experiment_by_name("resumed")
-        parents = exp_ and client.search_runs([exp_.experiment_id], "tags.`hybridnas.kind` = 'search'")
-        if parents:
-            before = {
-                r.info.run_id: (r.data.tags["hybridnas.arch_hash"], r.data.tags["hybridnas.status"])
-                for r in child_runs(client, exp_.experiment_id, parents[0].info.run_id)
-                if r.data.tags["hybridnas.status"] in ("ok", "stopped")
-            }
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    before = killed_search(ray_local, exp, tmp_path, 2, statuses=("ok", "stopped"))
 
     res = run_search(exp, resume=True, progress=None)
     assert not res.interrupted
