@@ -158,7 +158,7 @@ def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
 
     With repeated members (``search.repeats``) val_acc is the seed mean, followed by its standard
     deviation and the number of seeds; a member marked ``~`` is not told apart from one that
-    dominates it once its accuracy edge, inside the error bars, is ignored.
+    dominates it once accuracy differences inside the error bars are ignored.
     """
     from hybridnas.runners.pareto import arch_summary, human
 
@@ -188,8 +188,8 @@ def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     if "indistinct" in front.columns and front["indistinct"].any():
         lines.append(
-            "~ its accuracy edge over a member that is cheaper in every other objective lies inside "
-            "one standard deviation: not told apart from that member"
+            "~ not told apart from a member at least as good in every other objective: their accuracies "
+            "(mean ± sd) overlap"
         )
     return "\n".join(lines)
 

@@ -87,9 +87,11 @@ def run_repeats(
     restarts: Sequence[int],
     say: Callable[[str], None],
     progress: Callable[[str], None] | None = None,
+    started: float | None = None,
 ) -> dict:
     """Train the front's repeats that are not in MLflow yet, then log each member's seed statistics.
 
+    ``started``: the ``time.monotonic()`` of the search's start, for the progress lines.
     Returns ``{"members", "trained", "finished", "interrupted"}``.
     """
     from ray import tune
@@ -122,7 +124,15 @@ def run_repeats(
     )
     if configs:
         callback = tracking.MlflowSearchCallback(
-            uri, exp_id, parent, list(objectives), {}, total_trials=total, say=progress, repeats=True
+            uri,
+            exp_id,
+            parent,
+            list(objectives),
+            {},
+            total_trials=total,
+            say=progress,
+            repeats=True,
+            started=started,
         )
         tuner = tune.Tuner(
             tune.with_resources(hybridnas_trial, {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu}),

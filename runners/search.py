@@ -300,7 +300,7 @@ def run_search(
     from hybridnas.runners import tracking
 
     say = progress if callable(progress) else (lambda line: None)
-    t_start = time.time()
+    t_start, started = time.time(), time.monotonic()  # progress lines count from `started`
     _warm_imports()
     timings: dict[str, float] = {}
     out = Path(out_dir or exp.out_dir).expanduser().resolve()
@@ -465,6 +465,7 @@ def run_search(
             total_trials=n_trials,
             say=progress if callable(progress) else None,
             stopping=stopping,
+            started=started,
         )
         tune_path = out / TUNE_DIR
         replays = None
@@ -532,7 +533,7 @@ def run_search(
     if not interrupted and exp.search.repeats:
         with parent_guard(client, parent):
             rep_summary = run_repeats(
-                exp, client, uri, exp_id, parent, out, objectives, rungs, say, progress=progress
+                exp, client, uri, exp_id, parent, out, objectives, rungs, say, progress, started
             )
         interrupted = rep_summary["interrupted"]
     if interrupted:

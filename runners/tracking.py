@@ -91,10 +91,12 @@ class MlflowSearchCallback(Callback):
         *,
         stopping: bool = False,
         repeats: bool = False,
+        started: float | None = None,
     ) -> None:
         """``stopping``: a scheduler (asha, moasha) may stop trials at a rung, so a trial that ends
         on a per-epoch result was stopped there (without one it would be a failure). ``repeats``:
-        this callback logs the repeats of front members (child runs of kind ``repeat``), not trials."""
+        this callback logs the repeats of front members (child runs of kind ``repeat``), not trials.
+        ``started``: the ``time.monotonic()`` the progress lines count from (default: Tune's start)."""
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -105,6 +107,7 @@ class MlflowSearchCallback(Callback):
         self.total_trials = total_trials
         self.stopping = stopping
         self.repeats = repeats
+        self.started = started
         self._say = say
         self._reset()
 
@@ -134,6 +137,7 @@ class MlflowSearchCallback(Callback):
             "_hv",
             "_best",
             "_say",
+            "started",  # this process's clock: meaningless in a resumed driver
         ):
             state.pop(k, None)
         return state
@@ -142,6 +146,7 @@ class MlflowSearchCallback(Callback):
         self.__dict__.update(state)
         self._reset()
         self._say = None
+        self.started = None
 
     @property
     def client(self) -> Any:
@@ -159,7 +164,7 @@ class MlflowSearchCallback(Callback):
         """Rebuild the bookkeeping of a resumed search from MLflow (the source of truth)."""
         from hybridnas.runners.pareto import HypervolumeTracker
 
-        self._t0 = time.monotonic()
+        self._t0 = self.started if self.started is not None else time.monotonic()
         client = self.client
         parent = client.get_run(self.parent_run_id)
         ref = parent.data.tags.get("hybridnas.hv_reference")
