@@ -147,6 +147,8 @@ class MlflowSearchCallback(Callback):
         self._reset()
         self._say = None
         self.started = None
+        self.__dict__.setdefault("stopping", False)  # pickled by an older hybridnas
+        self.__dict__.setdefault("repeats", False)
 
     @property
     def client(self) -> Any:
