@@ -461,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reps", type=int, default=None, help="repetitions per strategy (default 20)")
     s.add_argument("--budget", type=int, default=None, help="compute budget in full trainings (default 12)")
     s.add_argument("--quick", action="store_true", help="a small table: 6 architectures, 1,000 images")
+    s.add_argument(
+        "--no-real", action="store_true", help="skip the two real searches (fifo, moasha) at the end"
+    )
     s.set_defaults(func=_handler("hybridnas.runners.bench.efficiency"))
     return p
 

@@ -176,3 +176,15 @@ def test_resume_of_an_interrupted_moasha_search_trains_nothing_twice(ray_local, 
     # The rungs were not forgotten: the scheduler's records count every trial that reached rung 1.
     rule = PromotionRule.from_state(json.loads((Path(exp.out_dir) / SCHEDULER_STATE).read_text()))
     assert rule.reached()[1] == 6
+
+
+def test_bench_efficiency_runs_the_search_for_real_with_fifo_and_with_moasha(ray_local, tmp_path):
+    from hybridnas.runners.bench.efficiency import real_searches
+
+    exp = _experiment(tmp_path, "real", trials=4)
+    lines = real_searches(exp)
+    rows = {line.split()[0]: line.split() for line in lines[2:4]}
+    assert set(rows) == {"fifo", "moasha"}
+    fifo_epochs, moasha_epochs = int(rows["fifo"][2]), int(rows["moasha"][2])
+    assert fifo_epochs == 4 * EPOCHS and moasha_epochs <= fifo_epochs  # moasha never trains more
+    assert lines[-1].startswith("  moasha / fifo: wall")

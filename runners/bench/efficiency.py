@@ -339,6 +339,71 @@ def report(traces: dict[str, list[Trace]], budget: float, unit: float) -> tuple[
     return "\n".join(lines), ratios
 
 
+def real_searches(exp: Any) -> list[str]:
+    """The experiment searched for real, once with ``fifo`` and once with ``moasha`` (no repeats:
+    they are the same for both), in a temporary store: wall time, epochs trained and the
+    hypervolume of each front, against one reference (0 for maximised objectives, the constraint
+    or 1.1 x the worst value of both fronts for minimised ones)."""
+    import tempfile
+
+    from hybridnas.runners.pareto import hypervolume
+    from hybridnas.runners.search import run_search
+    from hybridnas.runners.store import child_runs, make_client
+
+    objectives = [(o.metric, o.mode) for o in exp.objectives]
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="hybridnas-bench-efficiency-") as tmp:
+        for kind in ("fifo", "moasha"):
+            e = dataclasses.replace(
+                exp,
+                search=dataclasses.replace(exp.search, scheduler=kind, repeats=0),
+                tracking=dataclasses.replace(exp.tracking, experiment=f"{exp.name}-{kind}"),
+            )
+            res = run_search(e, tracking_uri=f"sqlite:///{tmp}/mlflow.db", out_dir=f"{tmp}/{kind}")
+            client = make_client(res.tracking_uri)
+            exp_id = client.get_experiment_by_name(e.tracking.experiment).experiment_id
+            trained = [
+                int(r.data.metrics.get("epochs_trained", 0))
+                for r in child_runs(client, exp_id, res.parent_run_id)
+            ]
+            front = (
+                res.front[[m for m, _ in objectives]].to_numpy(dtype=float) if res.front is not None else None
+            )
+            runs[kind] = {
+                "wall": res.wall_s,
+                "epochs": sum(trained),
+                "full": res.counts["ok"],
+                "front": front,
+            }
+    fronts = [r["front"] for r in runs.values() if r["front"] is not None and len(r["front"])]
+    ref = []
+    for j, (metric, mode) in enumerate(objectives):
+        cap = exp.constraints.get(metric)
+        if mode == "max":
+            ref.append(0.0)
+        elif cap is not None and cap.max is not None:
+            ref.append(float(cap.max))
+        else:
+            ref.append(1.1 * max(float(f[:, j].max()) for f in fronts))
+    modes = [mode for _, mode in objectives]
+    lines = [
+        f"real searches of {exp.name} ({exp.search.trials} trials, {exp.train.epochs} epochs, concurrency "
+        f"{exp.search.concurrency}, no repeats), one after the other on this machine:",
+        f"  {'scheduler':10s} {'wall s':>8s} {'epochs trained':>15s} {'to the end':>11s} {'front':>6s} {'hypervolume':>12s}",
+    ]
+    for kind, r in runs.items():
+        hv = hypervolume(r["front"], modes, ref) if r["front"] is not None and len(r["front"]) else 0.0
+        r["hv"] = hv
+        n = 0 if r["front"] is None else len(r["front"])
+        lines.append(f"  {kind:10s} {r['wall']:8.0f} {r['epochs']:15d} {r['full']:11d} {n:6d} {hv:12.4g}")
+    f, m = runs["fifo"], runs["moasha"]
+    lines.append(
+        f"  moasha / fifo: wall {m['wall'] / f['wall']:.2f}x, epochs {m['epochs'] / max(1, f['epochs']):.2f}x, "
+        f"hypervolume {m['hv'] / f['hv'] if f['hv'] else math.nan:.2f}x"
+    )
+    return lines
+
+
 def main(args: argparse.Namespace) -> int:
     from hybridnas.runners.bench import quickstart_path
     from hybridnas.runners.bench.curves import build
@@ -405,4 +470,15 @@ def main(args: argparse.Namespace) -> int:
             f"target: nsga2+moasha reaches {base}'s final hypervolume with at most {what} of its compute: "
             f"{'never' if math.isinf(r) else f'{r:.2f}x'}, {verdict}"
         )
+    if not getattr(args, "no_real", False):
+        print()
+        real = exp
+        if quick:  # a small real pair too: 6 trials
+            real = dataclasses.replace(exp, search=dataclasses.replace(exp.search, trials=6))
+        if real.search.scheduler != "moasha":
+            real = dataclasses.replace(
+                real, search=dataclasses.replace(real.search, min_epochs=min_epochs, reduction_factor=eta)
+            )
+        for line in real_searches(real):
+            print(line)
     return 0
