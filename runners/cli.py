@@ -210,7 +210,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         progress=_say,
     )
     c = res.counts
-    stopped = f", {c['stopped']} stopped early" if exp.search.scheduler != "fifo" else ""
+    stopped = f", {c['stopped']} stopped early" if "stopped" in c else ""
     print(
         f"\nsearch {exp.name}: {sum(c.values())} trials ({c['ok']} ok{stopped}, {c['failed']} failed, "
         f"{c['infeasible']} infeasible) in {res.wall_s / 60:.1f} min"

@@ -517,7 +517,16 @@ def run_search(
 
     trials = _trial_rows(grid_result)
     finished = tr.child_runs(client, exp_id, parent)
-    counts = {s: 0 for s in (STATUS_OK, STATUS_STOPPED, STATUS_FAILED, STATUS_INFEASIBLE)}
+    statuses = (
+        (STATUS_OK, STATUS_STOPPED, STATUS_FAILED, STATUS_INFEASIBLE)
+        if stopping
+        else (
+            STATUS_OK,
+            STATUS_FAILED,
+            STATUS_INFEASIBLE,
+        )
+    )
+    counts = {s: 0 for s in statuses}
     for run in finished:
         if run.data.tags.get("hybridnas.kind") == REPEAT_KIND:
             continue
