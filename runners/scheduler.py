@@ -46,6 +46,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from hybridnas.runners.files import atomic_write
 from hybridnas.runners.pareto import objective_pairs, pareto_ranks
+from hybridnas.search_space.experiment import rung_epochs
 
 log = logging.getLogger(__name__)
 CONTINUE, PROMOTE, STOP = "continue", "promote", "stop"
@@ -56,11 +57,7 @@ def rungs_for(min_epochs: int, max_epochs: int, eta: int) -> tuple[int, ...]:
     """``min_epochs * eta^k`` for every k with a value below ``max_epochs`` (the full budget is no rung)."""
     if min_epochs < 1 or eta < 2:
         raise ValueError(f"need min_epochs >= 1 and eta >= 2, got {min_epochs} and {eta}")
-    out, r = [], min_epochs
-    while r < max_epochs:
-        out.append(r)
-        r *= eta
-    return tuple(out)
+    return rung_epochs(min_epochs, max_epochs, eta)
 
 
 def crowding_distance(points: Any, modes: Sequence[str]) -> np.ndarray:

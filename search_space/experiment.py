@@ -117,15 +117,18 @@ class SearchConfig:
     repeats: int = 0  # extra seeds for every front member at the full budget
 
     def rungs(self, epochs: int) -> tuple[int, ...]:
-        """The epochs at which asha/moasha decide (``min_epochs * reduction_factor^k < epochs``);
-        none for fifo."""
-        if self.scheduler == "fifo":
-            return ()
-        out, r = [], self.min_epochs
-        while r < epochs:
-            out.append(r)
-            r *= self.reduction_factor
-        return tuple(out)
+        """The epochs at which asha/moasha decide (`rung_epochs`); none for fifo."""
+        return () if self.scheduler == "fifo" else rung_epochs(self.min_epochs, epochs, self.reduction_factor)
+
+
+def rung_epochs(min_epochs: int, epochs: int, reduction_factor: int) -> tuple[int, ...]:
+    """``min_epochs * reduction_factor^k`` for every k with a value below ``epochs`` (the full
+    budget is no rung: a trial that gets there has finished)."""
+    out, r = [], min_epochs
+    while r < epochs:
+        out.append(r)
+        r *= reduction_factor
+    return tuple(out)
 
 
 @dataclass(frozen=True)
