@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(func=_handler("hybridnas.runners.measure", "main_profile"))
+    s.set_defaults(func=_handler("hybridnas.runners.cli_profile", "main_profile"))
 
     s = sub.add_parser("train", help="train one architecture (e.g. one exported from a search)")
     s.add_argument("arch", help="architecture YAML")

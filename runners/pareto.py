@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hybridnas.runners.fmt import human
+
 MODES = ("max", "min")
 # The default when a parent run does not say which objectives it searched.
 DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (("val_acc", "max"), ("macs", "min"))
@@ -290,26 +292,6 @@ def arch_summary(spec: Any) -> str:
             text += f" +{st.addon}"
         parts.append(text)
     return " | ".join(parts)
-
-
-def human(value: Any, metric: str = "") -> str:
-    """Short human form of a metric value: 0.9731 -> 97.31%, 12345678 MACs -> 12.35M."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(v):
-        return "-"
-    if metric == "val_acc":
-        return f"{100 * v:.2f}%"
-    if metric in ("macs", "flops", "params"):
-        for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-            if abs(v) >= div:
-                return f"{v / div:.2f}{suffix}"
-        return f"{v:.0f}"
-    if metric.endswith("_ms"):
-        return f"{v:.3f}"
-    return f"{v:.4g}"
 
 
 def trial_key(t: Any) -> tuple:

@@ -52,6 +52,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hybridnas.runners.calibration import calibrate_latency
+from hybridnas.runners.latency import LatencyContext
 from hybridnas.search_space.errors import SpecError, UserError
 
 STATE_FILE = "state.json"
@@ -60,7 +62,6 @@ TUNE_DIR = "tune"
 # trainable raises; diverge: it trains with an infinite learning rate; crash: its process exits.
 FAULTS_ENV = "HYBRIDNAS_FAULTS"
 MAX_RESAMPLE = 50  # duplicate proposals skipped before a duplicate is accepted (tiny spaces)
-CALIBRATION_SAMPLES = 2000  # architectures drawn to cover the latency table of a space too big to enumerate
 STATUS_OK, STATUS_FAILED, STATUS_INFEASIBLE = "ok", "failed", "infeasible"
 
 
@@ -279,7 +280,7 @@ class ArchSuggester:
 
     def _lazy(self) -> None:
         if self._space is None:
-            from hybridnas.runners.measure import LatencyTable
+            from hybridnas.runners.latency_table import LatencyTable
             from hybridnas.search_space.space import SearchSpace
             from hybridnas.search_space.spec import InputSpec
 
@@ -289,17 +290,13 @@ class ArchSuggester:
 
     def measures(self, spec: Any) -> dict[str, float]:
         """MACs, flops, params (exact counts) and the predicted latency of ``spec``."""
-        from hybridnas.runners.measure import predict_latency, profile_spec
+        from hybridnas.runners.latency import LatencyContext
+        from hybridnas.runners.latency_table import predict_latency
+        from hybridnas.runners.macs import profile_spec
 
         self._lazy()
         prof = profile_spec(spec)
-        lat = predict_latency(
-            spec,
-            self._table,
-            device=self.latency["device"],
-            batch_size=self.latency["batch_size"],
-            threads=self.latency["threads"],
-        )
+        lat = predict_latency(spec, self._table, LatencyContext.from_config(self.latency))
         return {
             "macs": int(prof["macs"]),
             "flops": int(prof["flops"]),
@@ -510,72 +507,6 @@ class _Replays:
 
     def lost_params(self) -> dict[str, dict]:
         return self.params
-
-
-# ---------------------------------------------------------------------------------------------
-# Latency table
-
-
-def calibrate_latency(
-    space: Any, input: Any, latency: Any, table_path: str | None = None, stream: Any = None, seed: int = 0
-) -> dict[str, Any]:
-    """Calibrate the latency table for this space before any trial runs (`runners.measure.calibrate_table`).
-
-    Small spaces are enumerated; bigger ones are covered by ``CALIBRATION_SAMPLES`` random draws
-    (a unit the draws missed is measured when first met). Every unit is measured in context and
-    about a hundred architectures end to end, to which the unit entries are refit. What the table
-    has already (a previous search, same machine, same code) is not measured again.
-    Returns ``{"units", "measured", "timed", "fit", "seconds", "path", "broken"}``.
-    """
-    import optuna
-
-    from hybridnas.runners.measure import (
-        LatencyTable,
-        _context_key,
-        _resolve_device,
-        _resolve_dtype,
-        calibrate_table,
-    )
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    t0 = time.perf_counter()
-    table = LatencyTable(table_path)
-    # A space calibrated before in this context (machine, threads, batch, torch, block code) is
-    # marked in the table: a repeated search skips drawing and checking its 2,000 architectures.
-    context = _context_key(
-        _resolve_device(latency.device), latency.batch_size, latency.threads, _resolve_dtype(None), "wall"
-    )
-    what = {"space": space.to_dict(), "input": input.to_dict(), "samples": CALIBRATION_SAMPLES, "seed": seed}
-    marker = f"{context}||space|{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
-    done = table.get(marker)
-    if done is not None:
-        return {
-            "units": done["units"],
-            "measured": 0,
-            "timed": 0,
-            "fit": done["fit"],
-            "broken": done["broken"],
-            "seconds": time.perf_counter() - t0,
-            "path": str(table.path),
-        }
-    if space.size(input) <= CALIBRATION_SAMPLES:
-        specs = space.enumerate(input)
-    else:
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-        specs = [space.suggest(study.ask(), input=input, grid=False) for _ in range(CALIBRATION_SAMPLES)]
-    res = calibrate_table(
-        specs,
-        table,
-        device=latency.device,
-        batch_size=latency.batch_size,
-        threads=latency.threads,
-        seed=seed,
-    )
-    if not res["broken"]:  # a broken architecture may be fixed by a code change: check again next time
-        summary = {k: res[k] for k in ("units", "fit", "broken")}
-        table.put(marker, {"ms": 0.0, **summary})
-        table.save()
-    return {**res, "seconds": time.perf_counter() - t0, "path": str(table.path)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1003,7 +934,9 @@ def run_search(
 
         timings["mlflow_s"] = time.time() - t_start - timings.get("ray_init_s", 0.0)
         # The latency table, while nothing else runs on this machine (a local Ray is not started yet).
-        cal = calibrate_latency(exp.space, input_spec, exp.latency, seed=exp.search.seed)
+        cal = calibrate_latency(
+            exp.space, input_spec, LatencyContext.from_config(exp.latency), seed=exp.search.seed
+        )
         timings["latency_table_s"] = cal["seconds"]
         say(
             f"latency table: {cal['units']} units, {cal['measured']} measured now"
@@ -1239,21 +1172,15 @@ def front_latencies(archs: Mapping[str, Any], input_size: Sequence[int], lat: An
     ``FRONT_ROUNDS`` rounds of 30 runs, the rounds interleaved across members (a burst lands on one
     round of several members, not on all rounds of one), and its latency is the lowest round median.
     """
-    from hybridnas.runners.measure import latency
+    from hybridnas.runners.latency import LatencyContext, latency
     from hybridnas.search_space.build import build_model
 
+    ctx = LatencyContext.from_config(lat)
     models = {k: build_model(a) for k, a in archs.items()}
     best: dict[str, float] = {}
     for _ in range(FRONT_ROUNDS):
         for k, model in models.items():
-            ms = latency(
-                model,
-                input_size,
-                device=lat.device,
-                batch_size=lat.batch_size,
-                threads=lat.threads,
-                runs=30,
-            )["median_ms"]
+            ms = latency(model, input_size, ctx, runs=30)["median_ms"]
             best[k] = min(best.get(k, math.inf), ms)
     return best
 

@@ -25,7 +25,7 @@ from hybridnas.runners.export import (
     redact_uri,
     select,
 )
-from hybridnas.runners.measure import profile_spec
+from hybridnas.runners.macs import profile_spec
 from hybridnas.runners.pareto import knee, non_dominated
 from hybridnas.search_space.spec import ArchSpec
 

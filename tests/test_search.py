@@ -74,7 +74,7 @@ def _status(run) -> str:
 @pytest.fixture(scope="module")
 def grid_search(ray_local, tmp_path_factory):
     """A grid search over every architecture of a small space, some of them over the MACs budget."""
-    from hybridnas.runners.measure import profile_spec
+    from hybridnas.runners.macs import profile_spec
 
     tmp = tmp_path_factory.mktemp("grid")
     space = {
@@ -237,7 +237,7 @@ def test_pareto_tags_and_measured_latency_mark_exactly_the_front(grid_search):
         assert ("latency_ms_measured" in c.data.metrics) == bool(on_front)
     assert len(res.exported) == int(front.sum()) == len(res.front)
     for path in res.exported:  # the exported YAML rebuilds the logged model
-        from hybridnas.runners.measure import profile_spec
+        from hybridnas.runners.macs import profile_spec
 
         spec = ArchSpec.from_yaml(path)
         assert profile_spec(spec)["macs"] == spec.metrics["macs"]

@@ -1,12 +1,12 @@
 """`hybridnas bench latency [--experiment FILE] [--samples N] [--quick]`: how good is the latency table?
 
 Samples architectures from a search space (the quickstart's by default) with Optuna's seeded
-RandomSampler, predicts each one's latency with `runners.measure.predict_latency` (the per-unit
-lookup table) and measures it end to end with `runners.measure.latency`, then prints the share of
+RandomSampler, predicts each one's latency with `runners.latency_table.predict_latency` (the
+per-unit lookup table) and measures it end to end with `runners.latency.latency`, then prints the share of
 architectures predicted within 10 % and the median error.
 
 Protocol, so that the number says how well the table generalises rather than how well it
-remembers: a fresh table is calibrated as a search calibrates it (`runners.measure.calibrate_table`:
+remembers: a fresh table is calibrated as a search calibrates it (`runners.calibration.calibrate_table`:
 every unit measured in context, then about a hundred architectures timed end to end and the
 entries refit to them), but from a sample of *other* architectures of the same space, none of the
 test ones. Then each test architecture is predicted -- from table entries alone when all its units
@@ -14,12 +14,13 @@ are known ("lookup"), else its missing units are measured in its own context fir
 search ("new") -- and only then timed end to end. The share the in-context entries alone would
 have predicted within 10 % is printed too (the same run, before the refit). Both clocks are reported on the CPU with
 one thread: wall time (what a user sees on a quiet machine) and the thread's CPU time (the same
-thing, but unaffected by other processes competing for the cores; see `runners.measure.latency`).
+thing, but unaffected by other processes competing for the cores; see `runners.latency`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -28,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.bench import quickstart_path
-from hybridnas.runners.measure import LatencyTable, calibrate_table, latency, missing_units, predict_latency
+from hybridnas.runners.calibration import calibrate_table
+from hybridnas.runners.latency import LatencyContext, latency
+from hybridnas.runners.latency_table import (
+    LatencyTable,
+    missing_units,
+    predict_latency,
+    unit_latencies,
+    unit_prior,
+)
 from hybridnas.search_space.errors import SpecError
 
 
@@ -83,8 +92,7 @@ def evaluate(exp: Any, samples: int, runs: int, clock: str, seed: int = 0) -> li
     """
     from hybridnas.search_space.build import build_model
 
-    lat = exp.latency
-    kw = {"device": lat.device, "batch_size": lat.batch_size, "threads": lat.threads, "clock": clock}
+    ctx = dataclasses.replace(LatencyContext.from_config(exp.latency), clock=clock)
     test = sample_architectures(exp.space, exp.input, samples, seed)
     pool = sample_architectures(
         exp.space, exp.input, min(2000, 50 * samples), seed + 1, {s.arch_hash() for s in test}
@@ -94,15 +102,15 @@ def evaluate(exp: Any, samples: int, runs: int, clock: str, seed: int = 0) -> li
     rows = []
     with tempfile.TemporaryDirectory() as d:
         table = LatencyTable(Path(d) / "latency.json")  # fresh: every entry is measured in this run
-        cal = calibrate_table(pool, table, **kw, seed=seed)
+        cal = calibrate_table(pool, table, ctx, seed=seed)
         for spec in test:
-            lookup = not missing_units(spec, table, **kw)
+            lookup = not missing_units(spec, table, ctx)
             t0 = time.perf_counter()
-            predicted = predict_latency(spec, table, **kw)
+            predicted = predict_latency(spec, table, ctx)
             predict_s = time.perf_counter() - t0
-            unfit = _unfit_prediction(spec, table, **kw)
+            unfit = _unfit_prediction(spec, table, ctx)
             model = build_model(spec)
-            measured = latency(model, shape, runs=runs, warmup=5, **kw)["median_ms"]
+            measured = latency(model, shape, ctx, runs=runs, warmup=5)["median_ms"]
             rows.append(
                 {
                     "arch": spec.arch_hash(),
@@ -121,26 +129,16 @@ def evaluate(exp: Any, samples: int, runs: int, clock: str, seed: int = 0) -> li
         # The noise floor: each architecture timed again, minutes later. A predictor cannot agree with
         # a measurement more often than two measurements of the same network agree with each other.
         for r in rows:
-            again = latency(r.pop("model"), shape, runs=runs, warmup=5, **kw)["median_ms"]
+            again = latency(r.pop("model"), shape, ctx, runs=runs, warmup=5)["median_ms"]
             r["remeasured_ms"] = again
             r["remeasure_diff"] = (again - r["measured_ms"]) / r["measured_ms"]
     return rows
 
 
-def _unfit_prediction(spec: Any, table: LatencyTable, **kw: Any) -> float:
+def _unfit_prediction(spec: Any, table: LatencyTable, ctx: LatencyContext) -> float:
     """What the table predicted before its refit: the in-context unit times and overhead."""
-    from hybridnas.runners.measure import (
-        _context_key,
-        _resolve_device,
-        _resolve_dtype,
-        _unit_prior,
-        unit_latencies,
-    )
-
-    context = _context_key(
-        _resolve_device(kw["device"]), kw["batch_size"], kw["threads"], _resolve_dtype(None), kw["clock"]
-    )
-    return sum(_unit_prior(table.get(f"{context}||{r['unit']}")) for r in unit_latencies(spec, table, **kw))
+    key = ctx.key()
+    return sum(unit_prior(table.get(f"{key}||{r['unit']}")) for r in unit_latencies(spec, table, ctx))
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
