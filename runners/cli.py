@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="directory for pareto.csv/png/html")
     s.set_defaults(func=_handler("hybridnas.runners.pareto"))
 
+    s = sub.add_parser("cache", help="the latency cache: tables, machines, quality, age; clear it")
+    s.add_argument("action", nargs="?", choices=["show", "clear"], default="show")
+    s.add_argument("--space", help="clear only this space's calibration (its experiment name)")
+    s.set_defaults(func=_handler("hybridnas.runners.cli_cache"))
+
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
     s = bsub.add_parser("blocks", help="every mixer vs an unfold implementation and the matmul rate")
@@ -127,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experiment", default=None, help="space to sample from (default: the quickstart)")
     s.add_argument("--samples", type=int, default=30)
     s.add_argument("--quick", action="store_true")
+    s.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        help="N busy background processes during a second calibration and prediction",
+    )
     s.set_defaults(func=_handler("hybridnas.runners.bench.latency"))
     s = bsub.add_parser("train", help="this trainer vs a textbook DataLoader loop")
     s.add_argument("--epochs", type=int, default=2)

@@ -9,7 +9,9 @@ the context inside the table, together with the machine, torch version and block
 
 Two clocks: ``wall`` (``time.perf_counter``: what a user sees) and ``cpu`` (the calling thread's CPU
 time: with one intra-op thread torch runs every kernel inline on that thread, so this is the wall
-time minus the time the thread waited for a core while other processes ran).
+time minus the time the thread waited for a core while other processes ran). ``auto``, the default,
+picks ``cpu`` for one thread on the CPU and ``wall`` otherwise: on a busy machine the thread's CPU
+time moves far less than the wall clock (`hybridnas bench latency --load N`, README "Measuring").
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ _DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-CLOCKS = ("wall", "cpu")
+CLOCKS = ("auto", "wall", "cpu")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -73,11 +75,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_clock(clock: str, device: torch.device, n_threads: int | None) -> str:
-    """``clock`` checked: one of `CLOCKS`, and ``cpu`` only where it can time the work."""
+    """``auto`` -> ``cpu`` for one thread on the CPU, else ``wall``; ``cpu`` is checked to be possible."""
+    if clock == "auto":
+        return "cpu" if device.type == "cpu" and n_threads == 1 else "wall"
     if clock == "cpu" and (device.type != "cpu" or n_threads != 1):
         raise MeasureError(
             f"clock 'cpu' times the calling thread only: it needs device cpu and threads 1, "
-            f"got device {str(device)!r}, threads {n_threads}; use clock wall"
+            f"got device {str(device)!r}, threads {n_threads}; use clock wall (or auto)"
         )
     if clock not in CLOCKS:
         raise MeasureError(f"clock {clock!r} is not one of {', '.join(CLOCKS)}")
@@ -98,7 +102,7 @@ class LatencyContext:
     batch_size: int = 1
     threads: int | None = 1
     dtype: torch.dtype | str | None = None
-    clock: str = "wall"
+    clock: str = "auto"
 
     def __post_init__(self) -> None:
         dev = resolve_device(self.device)
@@ -122,7 +126,7 @@ class LatencyContext:
             batch_size=get("batch_size", 1),
             threads=get("threads", 1),
             dtype=get("dtype", None),
-            clock=get("clock", "wall"),
+            clock=get("clock", "auto"),
         )
 
     def key(self) -> str:
@@ -238,7 +242,7 @@ def latency(
     warmup: int = 5,
     runs: int = 20,
 ) -> dict[str, float | int]:
-    """Forward latency of ``model`` in ``context`` (default: one CPU thread, batch 1, fp32, wall
+    """Forward latency of ``model`` in ``context`` (default: one CPU thread, batch 1, fp32, auto
     clock): ``{"median_ms", "p10_ms", "p90_ms", "runs"}``.
 
     The median of ``runs`` (at least 20) timed forward passes after ``warmup`` untimed ones, in

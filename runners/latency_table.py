@@ -19,7 +19,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,11 @@ from torch import nn
 from hybridnas.runners.device import eval_mode, example_input
 from hybridnas.runners.latency import LatencyContext, check_runs, summary, time_ms
 
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2  # 2: entries carry their measurement's noise and time; a format-1 file is set aside
+
+
+class CacheWarning(UserWarning):
+    """The latency cache file could not be used as it was (it was set aside and is measured afresh)."""
 
 
 def default_table_path() -> Path:
@@ -51,14 +56,33 @@ def _file_lock(path: Path) -> Iterator[None]:
         yield
 
 
+def parse_table(text: str) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The entries of a table file's text, or ``({}, what is wrong)``: a file is used whole or not at all."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        return {}, f"not a JSON file ({e})"
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        return {}, "not a latency table (no 'entries' mapping)"
+    if data.get("format") != TABLE_FORMAT:
+        return {}, f"format {data.get('format')!r}, and this version of hybridnas reads format {TABLE_FORMAT}"
+    for key, entry in data["entries"].items():
+        ms = entry.get("ms") if isinstance(entry, dict) else None
+        if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not math.isfinite(ms):
+            return {}, f"entry {key!r} has no finite 'ms'"
+    return data["entries"], None
+
+
 class LatencyTable:
     """Measured latencies (ms) of architecture units, cached in one JSON file.
 
-    Keys are strings naming the unit and the measuring context (device model, threads, batch,
-    dtype, clock, torch version and a hash of the block code, so an edited block is measured
-    afresh). Entries
-    are kept in memory; ``save()`` merges them into the file under a lock and replaces it
-    atomically, so concurrent writers (Ray trials, two searches) never lose or corrupt entries.
+    Keys are strings naming the unit and the measuring context (`LatencyContext.key`: machine,
+    threads, batch, dtype, clock, torch version and a hash of the block code, so an edited block
+    is measured afresh). Entries are kept in memory; ``save()`` merges them into the file under a
+    lock and replaces it atomically, so concurrent writers (Ray trials, two searches) never lose or
+    corrupt entries. A file that is not a table of this format (corrupt, or written by another
+    version) is never half-read: it is renamed to ``latency.json.bad-<time>`` with one
+    `CacheWarning`, and the table starts empty.
     """
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
@@ -67,18 +91,38 @@ class LatencyTable:
         self._new: dict[str, dict[str, Any]] = {}
         self._entries.update(self._read())
 
-    def _read(self) -> dict[str, dict[str, Any]]:
+    def _read(self, locked: bool = False) -> dict[str, dict[str, Any]]:
+        """The file's entries; a bad file is set aside (under the lock, unless the caller holds it)."""
         try:
-            data = json.loads(self.path.read_text())
+            entries, problem = parse_table(self.path.read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError):
-            # A cache is never worth failing a search for: an unreadable one is measured afresh.
+        except (OSError, UnicodeDecodeError) as e:
+            entries, problem = {}, f"unreadable ({e})"
+        if problem is None:
+            return entries
+        if locked:
+            return self._set_aside(problem)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(self.path):
+            return self._read(locked=True)
+
+    def _set_aside(self, problem: str) -> dict[str, dict[str, Any]]:
+        aside = self.path.with_name(f"{self.path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
             return {}
-        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-            return {}
-        entries = data.get("entries")
-        return entries if isinstance(entries, dict) else {}
+        except OSError as e:
+            problem += f"; it could not be moved aside ({e}) and is left as it is"
+            aside = None
+        where = f"set aside as {aside}" if aside else "not used"
+        warnings.warn(
+            f"latency table {self.path}: {problem}; {where}, and latencies are measured afresh",
+            CacheWarning,
+            stacklevel=4,
+        )
+        return {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,25 +141,57 @@ class LatencyTable:
             raise ValueError(f"a table entry needs a finite 'ms', got {dict(entry)!r}")
         self._entries[key] = self._new[key] = dict(entry)
 
+    def _write(self, entries: Mapping[str, Any]) -> None:
+        """Replace the file by ``entries`` (the caller holds the lock)."""
+        fd, tmp = tempfile.mkstemp(prefix=".latency-", suffix=".json", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": TABLE_FORMAT, "entries": entries}, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)  # atomic: readers see the old file or the new one
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
     def save(self) -> None:
         """Merge this table's new entries into the file (others' entries are kept)."""
         if not self._new:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(self.path):
-            merged = self._read()
+            merged = self._read(locked=True)
             merged.update(self._new)
-            fd, tmp = tempfile.mkstemp(prefix=".latency-", suffix=".json", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"format": TABLE_FORMAT, "entries": merged}, f, indent=0, sort_keys=True)
-                os.replace(tmp, self.path)  # atomic: readers see the old file or the new one
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            self._write(merged)
         self._entries.update(merged)
         self._new.clear()
+
+    def clear(self) -> bool:
+        """Delete the file (under the lock; the empty lock file stays) and every entry; True if it existed."""
+        self._entries.clear()
+        self._new.clear()
+        if not self.path.exists():
+            return False
+        with _file_lock(self.path):
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                return False
+        return True
+
+    def remove(self, keys: Collection[str]) -> int:
+        """Delete ``keys`` from the file and from this table at once; returns how many were there."""
+        keys = set(keys)
+        if not self.path.exists():
+            gone = keys & self._entries.keys()
+        else:
+            with _file_lock(self.path):
+                merged = self._read(locked=True)
+                gone = keys & (merged.keys() | self._entries.keys())
+                self._write({k: v for k, v in merged.items() if k not in keys})
+        for k in keys:
+            self._entries.pop(k, None)
+            self._new.pop(k, None)
+        return len(gone)
 
 
 @dataclass(frozen=True)
@@ -324,31 +400,37 @@ def missing_units(spec: Any, table: LatencyTable, context: LatencyContext | None
 
 
 def unit_latencies(
-    spec: Any, table: LatencyTable | None = None, context: LatencyContext | None = None
+    spec: Any,
+    table: LatencyTable | None = None,
+    context: LatencyContext | None = None,
+    refresh: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """``[{"unit", "stage", "ms"}]`` for every unit of ``spec`` plus a final ``{"unit": "overhead"}``.
 
-    Units missing from the table are measured in the context of this network
-    (``measure_in_context``), stored and saved; units already there are not measured again.
-    Each such measurement also adds a sample of the per-model overhead, whose median is used.
+    Units missing from the table, and those named in ``refresh`` (unit keys, as `spec_units` gives
+    them), are measured in the context of this network (``measure_in_context``), stored with the
+    time they were measured, and saved; other units already there are not measured again. Each such
+    measurement also adds a sample of the per-model overhead, whose median is used.
     """
     ctx = LatencyContext() if context is None else context
     table = LatencyTable() if table is None else table
     prefix = ctx.key() + "||"
     units = spec_units(spec, ctx.batch_size)
     overhead_key = prefix + OVERHEAD
-    if any(prefix + u.key not in table for u in units) or overhead_key not in table:
+    stale = {u.key for u in units if prefix + u.key not in table or u.key in refresh}
+    if stale or overhead_key not in table:
         measured = measure_in_context(spec, ctx)
+        now = time.time()
         for key, ms in measured["units"].items():
-            if prefix + key not in table:
+            if key in stale:
                 t = summary(measured["samples"][key])
                 table.put(
                     prefix + key,
-                    {"ms": ms, "p10_ms": t["p10_ms"], "p90_ms": t["p90_ms"], "runs": t["runs"]},
+                    {"ms": ms, "p10_ms": t["p10_ms"], "p90_ms": t["p90_ms"], "runs": t["runs"], "at": now},
                 )
         old = table.get(overhead_key) or {}
         samples = [*old.get("samples", []), measured["overhead_ms"]][-MAX_OVERHEAD_SAMPLES:]
-        entry = {"ms": statistics.median(samples), "samples": samples}
+        entry = {"ms": statistics.median(samples), "samples": samples, "at": now}
         if old.get("fitted"):  # `fit_table` set it from end-to-end times: keep that until the next refit
             entry.update(ms=old["ms"], fitted=True)
         table.put(overhead_key, entry)

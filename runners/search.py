@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hybridnas.runners.calibration import calibrate_latency
+from hybridnas.runners.calibration import calibrate_latency, calibration_summary, calibration_warning
 from hybridnas.runners.latency import LatencyContext
 from hybridnas.search_space.errors import SpecError, UserError
 
@@ -934,25 +934,12 @@ def run_search(
 
         timings["mlflow_s"] = time.time() - t_start - timings.get("ray_init_s", 0.0)
         # The latency table, while nothing else runs on this machine (a local Ray is not started yet).
-        cal = calibrate_latency(
-            exp.space, input_spec, LatencyContext.from_config(exp.latency), seed=exp.search.seed
-        )
+        latency_context = LatencyContext.from_config(exp.latency)
+        cal = calibrate_latency(exp.space, input_spec, latency_context, seed=exp.search.seed, name=exp.name)
         timings["latency_table_s"] = cal["seconds"]
-        say(
-            f"latency table: {cal['units']} units, {cal['measured']} measured now"
-            + (f", {cal['timed']} architectures timed end to end" if cal["timed"] else "")
-            + (
-                f", refit: {100 * cal['fit']['within_10_after']:.0f}% of {cal['fit']['archs']} within 10%"
-                if "within_10_after" in cal["fit"]
-                else ""
-            )
-            + f" ({cal['seconds']:.1f}s), cached in {cal['path']}"
-            + (
-                f"; {len(cal['broken'])} architectures could not be built ({cal['broken'][0]})"
-                if cal["broken"]
-                else ""
-            )
-        )
+        say(calibration_summary(cal))
+        if calibration_warning(cal["quality"], latency_context):
+            say(calibration_warning(cal["quality"], latency_context))
         import torch
 
         torch.set_num_threads(
@@ -1203,7 +1190,7 @@ def _finish(
     search's Ray has shut down); the runs are read back from MLflow before waiting for it.
     """
     from hybridnas.runners.export import ExportError, export_arch, load_runs
-    from hybridnas.runners.pareto import feasible_table, write_fronts
+    from hybridnas.runners.pareto import feasible_table, show_measured_latency, write_fronts
     from hybridnas.runners.tracking import front_tags, log_metrics
 
     try:
@@ -1213,8 +1200,6 @@ def _finish(
         return None, [], []
     t = feasible_table(df, objectives)
     front = t[t["pareto"]].reset_index(drop=True)
-    # The plots first (they do not show the measured latency): drawn while the search's Ray exits.
-    plots = write_fronts(df, objectives, out / "pareto", title=exp.name, csv=False)
     if quiet is not None:
         quiet()
     # End-to-end latency of the front, now that no trial competes for the cores.
@@ -1227,8 +1212,9 @@ def _finish(
         log_metrics(client, run_id, {"latency_ms_measured": ms})
     df["latency_ms_measured"] = [measured.get(rid, math.nan) for rid in df["run_id"]]
     front["latency_ms_measured"] = [measured.get(rid, math.nan) for rid in front["run_id"]]
+    front = show_measured_latency(front)  # what the user sees: measured, the prediction beside it
     front_tags(client, measured.keys(), df["run_id"])
-    files = write_fronts(df, objectives, out / "pareto", plots=False) + plots
+    files = write_fronts(df, objectives, out / "pareto", title=exp.name)
     for f in files:
         client.log_artifact(parent, str(f))
     export_dir = out / "exported"
@@ -1260,13 +1246,14 @@ def _finish(
 
 def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
     """The Pareto front as a fixed-width table: objectives, then the other metrics, then the architecture."""
-    from hybridnas.runners.pareto import arch_summary, human
+    from hybridnas.runners.pareto import arch_summary, human, show_measured_latency
 
+    front = show_measured_latency(front)  # latency_ms: measured where measured; the prediction beside it
     metrics = [m for m, _ in objectives]
-    for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_measured"):
-        if extra not in metrics:
+    for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_predicted"):
+        if extra not in metrics and extra in front.columns:
             metrics.append(extra)
-    header = ["trial", *[m.replace("latency_ms_measured", "measured_ms") for m in metrics], "architecture"]
+    header = ["trial", *[m.replace("latency_ms_predicted", "predicted_ms") for m in metrics], "architecture"]
     rows = [
         [str(r["trial"]), *[human(r.get(m), m) for m in metrics], arch_summary(r.get("arch"))]
         for r in front.to_dict("records")
@@ -1308,6 +1295,11 @@ def main(args: argparse.Namespace) -> int:
         goals = ", ".join(f"{m} ({mode})" for m, mode in res.objectives)
         print(f"Pareto front of {goals}: {len(res.front)} architectures")
         print(front_text(res.front, res.objectives))
+        if "latency_ms_predicted" in res.front.columns:
+            print(
+                f"latency_ms: measured end to end after the search ({res.calibration['quality']['clock']} clock); "
+                "predicted_ms: the latency table's prediction, what the search optimised"
+            )
     if res.exported:
         print("exported architectures:")
         for p in res.exported:

@@ -113,3 +113,10 @@ def test_a_thread_count_that_is_not_a_positive_integer_is_a_user_error(n):
     with pytest.raises(DeviceError, match="threads"):
         with torch_threads(n):
             pass
+
+
+def test_auto_clock_is_the_threads_cpu_time_for_one_cpu_thread_and_wall_otherwise():
+    assert LatencyContext().clock == "cpu" and LatencyContext(clock="auto", threads=1).clock == "cpu"
+    assert LatencyContext(threads=2).clock == "wall" and LatencyContext(threads=None).clock == "wall"
+    assert LatencyContext(clock="wall").clock == "wall"
+    assert LatencyContext(clock="auto").key() == LatencyContext(clock="cpu").key()  # the same table entries

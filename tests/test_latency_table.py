@@ -11,6 +11,8 @@ import pytest
 
 from hybridnas.runners.latency import LatencyContext
 from hybridnas.runners.latency_table import (
+    TABLE_FORMAT,
+    CacheWarning,
     LatencyTable,
     default_table_path,
     measure_in_context,
@@ -64,7 +66,8 @@ def test_concurrent_processes_never_lose_or_corrupt_entries(tmp_path):
 def test_an_unreadable_table_file_is_measured_afresh_not_fatal(tmp_path):
     path = tmp_path / "latency.json"
     path.write_text("{not json")
-    table = LatencyTable(path)
+    with pytest.warns(CacheWarning, match="not a JSON file.*set aside"):
+        table = LatencyTable(path)
     assert len(table) == 0
     table.put("a", {"ms": 1.0})
     table.save()
@@ -119,10 +122,10 @@ def test_predict_latency_measures_once_and_sums_units_plus_overhead(tiny_spec, t
 
 def test_table_keys_differ_by_threads_batch_dtype_and_clock(tiny_spec, tmp_path):
     table = LatencyTable(tmp_path / "latency.json")
-    predict_latency(tiny_spec, table)  # threads=1, batch 1, float32, wall clock
+    predict_latency(tiny_spec, table)  # threads=1, batch 1, float32, auto clock (cpu here)
     assert not missing_units(tiny_spec, table)
     n_units = len(spec_units(tiny_spec))
-    for other in ({"threads": 2}, {"batch_size": 2}, {"dtype": "bfloat16"}, {"clock": "cpu"}):
+    for other in ({"threads": 2}, {"batch_size": 2}, {"dtype": "bfloat16"}, {"clock": "wall"}):
         # Nothing measured in another context counts for it: every unit is missing there.
         assert len(missing_units(tiny_spec, table, LatencyContext(**other))) == n_units
     predict_latency(tiny_spec, table, LatencyContext(dtype="bfloat16"))
@@ -147,3 +150,50 @@ def test_measure_in_context_times_every_unit_inside_the_network(tiny_spec):
     assert sum(out["units"][u.key] for u in spec_units(tiny_spec)) + out["overhead_ms"] == pytest.approx(
         out["total"]["median_ms"]
     )
+
+
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        (
+            {"format": 1, "entries": {"a": {"ms": 1.0}}},
+            "format 1, and this version of hybridnas reads format",
+        ),
+        (
+            {"format": TABLE_FORMAT, "entries": {"a": {"ms": 1.0}, "b": {"ms": "fast"}}},
+            "entry 'b' has no finite",
+        ),
+        ({"format": TABLE_FORMAT, "rows": []}, "not a latency table"),
+    ],
+)
+def test_a_table_of_another_format_or_with_a_bad_entry_is_set_aside_whole(tmp_path, content, reason):
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps(content))
+    with pytest.warns(CacheWarning) as caught:
+        table = LatencyTable(path)
+    assert len(caught) == 1 and reason in str(caught[0].message)
+    assert len(table) == 0  # never half-read: not even the good entry "a"
+    aside = list(tmp_path.glob("latency.json.bad-*"))
+    assert len(aside) == 1 and json.loads(aside[0].read_text()) == content and not path.exists()
+    table.put("c", {"ms": 2.0})
+    table.save()
+    assert LatencyTable(path).get("c") == {"ms": 2.0}  # a fresh, good file in its place
+
+
+def test_remove_deletes_entries_from_the_file_and_keeps_the_others(tmp_path):
+    path = tmp_path / "latency.json"
+    table = LatencyTable(path)
+    for k in "abc":
+        table.put(k, {"ms": 1.0})
+    table.save()
+    assert table.remove({"a", "b", "zz"}) == 2
+    assert "a" not in table and {k for k, _ in LatencyTable(path).items()} == {"c"}
+
+
+def test_measured_entries_carry_the_time_they_were_measured(tiny_spec, tmp_path):
+    import time
+
+    t0 = time.time()
+    table = LatencyTable(tmp_path / "latency.json")
+    unit_latencies(tiny_spec, table)
+    assert all(t0 <= e["at"] <= time.time() for _, e in table.items())

@@ -17,13 +17,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from hybridnas.runners import cli
 from hybridnas.runners.pareto import non_dominated
-from hybridnas.runners.search import SearchError, run_search
+from hybridnas.runners.search import SearchError, front_text, run_search
 from hybridnas.runners.tracking import child_runs
 from hybridnas.search_space.experiment import Experiment
 from hybridnas.search_space.spec import ArchSpec
@@ -242,6 +243,18 @@ def test_pareto_tags_and_measured_latency_mark_exactly_the_front(grid_search):
         spec = ArchSpec.from_yaml(path)
         assert profile_spec(spec)["macs"] == spec.metrics["macs"]
         assert profile_spec(spec)["params"] == spec.metrics["params"]
+        # What the user sees is the measured latency, with the prediction beside it.
+        assert spec.metrics["latency_ms"] == spec.metrics["latency_ms_measured"]
+        assert spec.metrics["latency_ms_predicted"] > 0
+    assert (res.front["latency_ms"] == res.front["latency_ms_measured"]).all()
+    header, *rows = front_text(res.front, res.objectives).splitlines()
+    names = header.split()
+    assert names[:5] == ["trial", "val_acc", "macs", "params", "latency_ms"] and names[5] == "predicted_ms"
+    shown = {r.split()[0]: r.split()[4] for r in rows}
+    assert shown == {str(r["trial"]): f"{r['latency_ms_measured']:.3f}" for r in res.front.to_dict("records")}
+    csv = pd.read_csv(Path(exp.out_dir) / "pareto" / "pareto.csv", dtype={"trial": str})
+    on = csv[csv["pareto"]]
+    assert (on["latency_ms"] - on["latency_ms_measured"]).abs().max() < 1e-9
     # Logged after each finished trial from the first feasible one on, against a fixed reference.
     hv = sorted(client.get_metric_history(res.parent_run_id, "hypervolume"), key=lambda m: m.step)
     steps, values = [m.step for m in hv], [m.value for m in hv]
