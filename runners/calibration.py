@@ -343,6 +343,11 @@ def calibration_quality(
     }
 
 
+def deviation_text(deviation: float) -> str:
+    """0.07 -> '7%', 3.2 -> '4.2x': a relative deviation as a user reads it."""
+    return f"{100 * deviation:.0f}%" if deviation < 1 else f"{1 + deviation:.1f}x"
+
+
 def calibration_warning(quality: dict[str, Any], context: LatencyContext) -> str | None:
     """One line for a calibration that is not trusted: what was wrong, the load, and what to do."""
     if quality["calibrated"]:
@@ -351,7 +356,7 @@ def calibration_warning(quality: dict[str, Any], context: LatencyContext) -> str
     seen = []
     if quality.get("noise") is not None and quality["noise"] > limits.noise:
         seen.append(
-            f"timings of a reference network varied by {100 * quality['noise']:.0f}% "
+            f"timings of a reference network varied by {deviation_text(quality['noise'])} "
             f"(limit {100 * limits.noise:.0f}%)"
         )
     if quality.get("refit") is not None and quality["refit"] < limits.refit:
@@ -378,7 +383,7 @@ def calibration_summary(cal: dict[str, Any]) -> str:
     if "within_10_after" in fit:
         parts.append(f"refit: {100 * fit['within_10_after']:.0f}% of {fit['archs']} within 10%")
     if q.get("noise") is not None:
-        parts.append(f"noise floor {100 * q['noise']:.0f}% ({q['clock']} clock)")
+        parts.append(f"noise floor {deviation_text(q['noise'])} on the {q['clock']} clock")
     line = ", ".join(parts) + f" ({cal['seconds']:.1f}s), cached in {cal['path']}"
     if cal["broken"]:
         line += f"; {len(cal['broken'])} architectures could not be built ({cal['broken'][0]})"

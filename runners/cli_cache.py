@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 from hybridnas.runners.cache import CacheError, cache_report, clear_cache
+from hybridnas.runners.calibration import deviation_text
 
 
 def _age(seconds: float | None) -> str:
@@ -22,7 +23,7 @@ def _age(seconds: float | None) -> str:
 def _quality(q: dict[str, Any]) -> str:
     parts = []
     if q.get("noise") is not None:
-        parts.append(f"noise {100 * q['noise']:.0f}%")
+        parts.append(f"noise {deviation_text(q['noise'])}")
     if q.get("refit") is not None:
         parts.append(f"refit {100 * q['refit']:.0f}% of {q.get('archs', 0)} within 10%")
     if q.get("noisy"):

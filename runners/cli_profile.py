@@ -49,6 +49,7 @@ def main_profile(args: argparse.Namespace) -> int:
             latency_p10_ms=lat["p10_ms"],
             latency_p90_ms=lat["p90_ms"],
             latency_device=args.device,
+            latency_clock=ctx.clock,
             batch_size=batch,
             threads=args.threads,
         )
@@ -100,7 +101,7 @@ def main_profile(args: argparse.Namespace) -> int:
     if shares:
         print(
             f"latency: median of {lat['runs']} runs on {args.device}, batch {args.batch_size}, "
-            f"{args.threads} thread(s) (p10 {lat['p10_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms); "
-            "shares from units timed in place"
+            f"{args.threads} thread(s), {ctx.clock} clock (p10 {lat['p10_ms']:.3f} ms, p90 "
+            f"{lat['p90_ms']:.3f} ms); shares from units timed in place"
         )
     return 0

@@ -27,6 +27,7 @@ def test_cli_profile_json_has_macs_flops_params_and_latency(tiny_spec, tmp_path,
     rc, out, _ = run_cli(["profile", str(path), "--json", "--latency"], capsys)
     data = json.loads(out)
     assert rc == 0 and data["latency_ms"] > 0 and data["macs"] == profile_spec(tiny_spec)["macs"]
+    assert data["latency_clock"] == "cpu"  # auto: one CPU thread times its own CPU time
 
 
 def test_cli_profile_table_lists_every_stage_and_latency_shares(tiny_spec, tmp_path, capsys):

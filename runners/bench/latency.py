@@ -36,7 +36,7 @@ from typing import Any
 
 from hybridnas.runners.bench import quickstart_path
 from hybridnas.runners.bench.load import busy_load
-from hybridnas.runners.calibration import NoiseLimits, calibrate_table
+from hybridnas.runners.calibration import NoiseLimits, calibrate_table, deviation_text
 from hybridnas.runners.device import cpu_model
 from hybridnas.runners.latency import LatencyContext, latency
 from hybridnas.runners.latency_table import (
@@ -228,7 +228,7 @@ def _median_abs(diffs: list[float]) -> float:
 
 def _verdict(cal: dict[str, Any]) -> str:
     q = cal["quality"]
-    noise = "" if q["noise"] is None else f", noise {100 * q['noise']:.0f}%"
+    noise = "" if q["noise"] is None else f", noise {deviation_text(q['noise'])}"
     return ("calibrated" if q["calibrated"] else "NOT calibrated") + noise
 
 
