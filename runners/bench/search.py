@@ -53,7 +53,7 @@ def run_one(exp: Any, quick: bool) -> dict:
     from hybridnas.runners.calibration import calibrate_latency
     from hybridnas.runners.latency import LatencyContext
     from hybridnas.runners.search import run_search
-    from hybridnas.runners.tracking import make_client
+    from hybridnas.runners.store import make_client
 
     exp = dataclasses.replace(exp, search=dataclasses.replace(exp.search, concurrency=CONCURRENCY))
     with tempfile.TemporaryDirectory(prefix="hybridnas-bench-search-") as tmp:
