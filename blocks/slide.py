@@ -46,7 +46,7 @@ buys (CPU, batch 64, width 64, 4 heads, 28x28; ``hybridnas bench blocks`` has th
   one product over an overlapping strided view of all offsets (``as_strided``) instead of ~4 ops
   per offset, 2-6x faster when per-op overhead dominates.
 
-Every product goes through ``torch.mul``/``addcmul_``/``matmul``, which ``runners.measure`` counts:
+Every product goes through ``torch.mul``/``addcmul_``/``matmul``, which ``runners.macs`` counts:
 k^2 C HW MACs for the logits and as many for the aggregation; for Slide also 2 k^4 C HW for the
 deformed shifting (what its two depthwise convs on k and v cost) and 2 k^2 C HW for the conv bias.
 """

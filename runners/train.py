@@ -44,6 +44,7 @@ from hybridnas.search_space.config import DataConfig, TrainConfig
 from hybridnas.search_space.errors import SpecError, UserError
 
 from .data import Dataset, DataShape, expected_shape, load_dataset
+from .device import resolve_device, torch_threads
 
 if TYPE_CHECKING:
     from hybridnas.search_space.spec import ArchSpec
@@ -77,38 +78,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------- devices
-
-
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/None -> cuda when available, else cpu; ``cuda`` without a GPU is a `UserError`."""
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu (or auto)"
-        )
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"device {name!r} is not supported; use auto, cpu or cuda")
-    return dev
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Use ``n`` intra-op threads for the duration (0 = leave as is), then restore."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n > 0:
-            torch.set_num_threads(before)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -286,8 +255,8 @@ def train_model(
 
     check_compatible(spec, data)
     dev = resolve_device(device if device is not None else cfg.device)
-    n_threads = (threads or cfg.threads or 0) if dev.type == "cpu" else 0
-    with _threads(n_threads):
+    n_threads = (threads or cfg.threads or None) if dev.type == "cpu" else None
+    with torch_threads(n_threads):
         seed_everything(cfg.seed)  # the initial weights depend on the seed only
         model = build_model(spec)
         return fit(
@@ -502,7 +471,7 @@ def train_arch(
     ``model.pt`` and ``arch.yaml`` (with ``metrics:`` and ``provenance:``) under ``out``.
 
     Raises `TrainingDiverged` when the loss turns non-finite, `UserError`s for bad input."""
-    from hybridnas.runners.measure import profile
+    from hybridnas.runners.macs import profile
 
     data_cfg = data_config_for(spec, data, root)
     prov = spec.provenance if isinstance(spec.provenance, Mapping) else {}

@@ -29,3 +29,20 @@ def ray_local(tmp_path_factory):
         init_ray()
     yield ray
     ray.shutdown()
+
+
+TINY_ARCH = """
+input: {channels: 1, size: 8, classes: 3}
+stem: {channels: 4}
+stages:
+  - {mixer: conv, depth: 1, channels: 4}
+  - {mixer: shifted_window, depth: 2, channels: 8, downsample: conv, addon: gc, options: {heads: 2, window: 2}}
+"""
+
+
+@pytest.fixture
+def tiny_spec():
+    """A two-stage architecture on 8x8 inputs: every kind of latency unit, fast to time."""
+    from hybridnas.search_space.spec import ArchSpec
+
+    return ArchSpec.from_yaml(TINY_ARCH)

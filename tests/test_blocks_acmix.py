@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hybridnas.blocks import build_mixer
 from hybridnas.blocks.acmix import ACmix
 from hybridnas.runners.bench.blocks import unfold_local_attention
-from hybridnas.runners.measure import profile
+from hybridnas.runners.macs import profile
 
 SIZES = [(1, 1), (3, 5), (7, 7), (28, 28)]
 

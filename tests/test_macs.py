@@ -1,4 +1,5 @@
-"""MAC counts of every block against its closed form (shared DESIGN.md: "MACs count attention correctly").
+"""runners.macs: MAC counts of every block against its closed form (shared DESIGN.md: "MACs count
+attention correctly"), and the counter itself (what FlopCounterMode misses, no double counting, params).
 
 Each test states the formula it checks. Conventions (as in the papers' counters): MACs of products
 only -- matmuls, convolutions, attention logits and aggregation, and elementwise tensor x tensor
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from hybridnas.blocks import Block, build_addon, build_downsample, build_mixer, reparameterize
-from hybridnas.runners.measure import profile
+from hybridnas.runners.macs import custom_flop_mapping, profile, profile_spec
 
 C, H, W = 32, 14, 14
 HW = H * W
@@ -180,3 +184,160 @@ def test_local_attention_kernel_larger_than_the_map_is_clamped(mixer, option):
     big = macs(build_mixer(mixer, C, heads=4, **{option: 9}), h=4, w=4)
     seven = macs(build_mixer(mixer, C, heads=4, **{option: 7}), h=4, w=4)
     assert big == seven
+
+
+# ---- the counter itself: what FlopCounterMode misses, no double counting, params ----------------
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def heads_of(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, heads, HW, C/heads)."""
+    b, c, h, w = x.shape
+    return x.flatten(2).transpose(1, 2).reshape(b, h * w, heads, c // heads).transpose(1, 2)
+
+
+def test_linear_and_conv_net_matches_hand_count():
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # 9 * 3 * 8 * 10*10
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4),  # 9 * 2 * 8 * 5*5
+        nn.Conv2d(8, 16, 1, bias=False),  # 8 * 16 * 5*5
+        nn.Flatten(),
+        nn.Linear(16 * 25, 10),  # 400 * 10
+    )
+    expected = 9 * 3 * 8 * 100 + 9 * 2 * 8 * 25 + 8 * 16 * 25 + 400 * 10
+    out = profile(net, (3, 10, 10))
+    assert out["macs"] == expected
+    assert out["flops"] == 2 * expected
+    assert out["params"] == sum(p.numel() for p in net.parameters())
+
+
+def test_batch_dimension_scales_macs_linearly():
+    net = nn.Conv2d(2, 4, 3, padding=1)
+    assert profile(net, (3, 2, 6, 6))["macs"] == 3 * profile(net, (2, 6, 6))["macs"]
+
+
+def sdpa_net(heads: int, mask: bool = False) -> nn.Module:
+    def fn(x):
+        q = heads_of(x, heads)
+        m = torch.zeros(q.shape[-2], q.shape[-2]) if mask else None
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=m)
+
+    return Lambda(fn)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_sdpa_is_counted_on_cpu(mask):
+    # FlopCounterMode alone counts the CPU flash kernel as zero; QK^T and AV = 2 * B*h*L^2*d MACs.
+    c, h, w, heads = 8, 3, 5, 2
+    L, d = h * w, c // heads
+    assert profile(sdpa_net(heads, mask), (c, h, w))["macs"] == 2 * heads * L * L * d
+
+
+def test_plain_flop_counter_misses_cpu_sdpa():
+    # Why the custom formulas exist: if this starts failing, torch counts SDPA itself and ours must
+    # not be added on top (ours replaces the registry entry, so it still would not double count).
+    q = torch.randn(1, 2, 6, 4)
+    with torch.no_grad(), FlopCounterMode(display=False) as plain:
+        F.scaled_dot_product_attention(q, q, q)
+    assert plain.get_total_flops() == 0
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "grad"])
+def test_sdpa_count_does_not_depend_on_autograd_mode(context):
+    # Under inference_mode the top-level op reaches the counter undecomposed, under no_grad the CPU
+    # flash kernel does, with grad enabled autograd's pieces: each counted exactly once.
+    q = torch.randn(2, 3, 7, 4, requires_grad=context == "grad")
+    k = torch.randn(2, 3, 5, 4)
+    v = torch.randn(2, 3, 5, 6)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}[
+        context
+    ]
+    with ctx(), FlopCounterMode(display=False, custom_mapping=custom_flop_mapping()) as fc:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(7, 5))
+    assert fc.get_total_flops() == 2 * (2 * 3 * 7 * 5 * (4 + 6))
+
+
+def test_einsum_is_counted_once_and_equals_matmul():
+    a = torch.randn(2, 3, 7, 4)
+    b = torch.randn(2, 3, 5, 4)
+
+    def count(fn):
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom_flop_mapping()) as fc:
+            fn()
+        return fc.get_total_flops() // 2
+
+    by_einsum = count(lambda: torch.einsum("bhqd,bhkd->bhqk", a, b))
+    by_matmul = count(lambda: a @ b.transpose(-1, -2))
+    assert by_einsum == by_matmul == 2 * 3 * 7 * 5 * 4
+
+
+def test_elementwise_tensor_products_are_counted_and_scalar_rescales_are_not():
+    def fn(x):
+        y = x * x  # counted: numel
+        y = y * 0.5  # Python scalar: free
+        y = y * torch.ones(1)  # one-element tensor (a mixing rate): free
+        y = y * x.mean(dim=1, keepdim=True)  # broadcast tensor x tensor: numel(out)
+        return y
+
+    c, h, w = 4, 3, 5
+    assert profile(Lambda(fn), (c, h, w))["macs"] == 2 * c * h * w
+
+
+def test_local_attention_written_as_mul_then_sum_is_counted():
+    # "q * K then sum" (Slide/ACmix style): logits C*k^2*HW, aggregation C*k^2*HW.
+    c, h, w, k = 4, 6, 5, 3
+
+    def fn(x):
+        keys = F.unfold(x, k, padding=k // 2).view(1, c, k * k, h, w)  # unfold itself is free
+        logits = (x.unsqueeze(2) * keys).sum(1, keepdim=True)  # (1, 1, k^2, h, w)
+        return (logits.softmax(2) * keys).sum(2)
+
+    assert profile(Lambda(fn), (c, h, w))["macs"] == 2 * c * k * k * h * w
+
+
+def test_params_count_frozen_parameters_and_shared_ones_once_but_not_buffers():
+    lin = nn.Linear(4, 4)
+    net = nn.Sequential(lin, lin, nn.BatchNorm1d(4))  # shared layer; BN: 8 params + 2 running buffers
+    frozen = nn.Conv2d(4, 4, 1, bias=False).requires_grad_(False)  # like Slide's fixed shift conv
+    model = nn.ModuleDict({"net": net, "frozen": frozen})
+    model.forward = lambda x: frozen(net(x.flatten(1)).view(1, 4, 1, 1))
+    assert profile(model, (4, 1, 1))["params"] == 20 + 8 + 16
+
+
+def test_profile_restores_training_mode_and_leaves_the_global_rng_alone():
+    net = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Dropout(0.5))
+    net.train()
+    net[1].eval()
+    state = torch.random.get_rng_state()
+    profile(net, (2, 5, 5))
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert net.training and net[0].training and not net[1].training
+
+
+def test_profile_rejects_a_bad_input_size():
+    with pytest.raises(ValueError, match="input_size"):
+        profile(nn.Identity(), (3, 4))
+
+
+def test_profile_spec_stages_add_up_to_the_total(tiny_spec):
+    from hybridnas.search_space.build import build_model
+
+    prof = profile_spec(tiny_spec)
+    whole = profile(build_model(tiny_spec), (1, 8, 8))
+    assert {k: prof[k] for k in ("macs", "flops", "params")} == whole
+    parts = [prof["stem"], prof["head"], *prof["stages"]]
+    assert sum(p["macs"] for p in parts) == prof["macs"]
+    assert sum(p["params"] for p in parts) == prof["params"]
+    assert [(s["stage"], s["mixer"], s["resolution"], s["channels"]) for s in prof["stages"]] == [
+        (0, "conv", 8, 4),
+        (1, "shifted_window", 4, 8),
+    ]

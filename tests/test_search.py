@@ -17,11 +17,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from hybridnas.runners import cli
+from hybridnas.runners.cli import front_text
 from hybridnas.runners.pareto import non_dominated
 from hybridnas.runners.search import SearchError, run_search
 from hybridnas.runners.store import child_runs
@@ -74,7 +76,7 @@ def _status(run) -> str:
 @pytest.fixture(scope="module")
 def grid_search(ray_local, tmp_path_factory):
     """A grid search over every architecture of a small space, some of them over the MACs budget."""
-    from hybridnas.runners.measure import profile_spec
+    from hybridnas.runners.macs import profile_spec
 
     tmp = tmp_path_factory.mktemp("grid")
     space = {
@@ -237,11 +239,23 @@ def test_pareto_tags_and_measured_latency_mark_exactly_the_front(grid_search):
         assert ("latency_ms_measured" in c.data.metrics) == bool(on_front)
     assert len(res.exported) == int(front.sum()) == len(res.front)
     for path in res.exported:  # the exported YAML rebuilds the logged model
-        from hybridnas.runners.measure import profile_spec
+        from hybridnas.runners.macs import profile_spec
 
         spec = ArchSpec.from_yaml(path)
         assert profile_spec(spec)["macs"] == spec.metrics["macs"]
         assert profile_spec(spec)["params"] == spec.metrics["params"]
+        # What the user sees is the measured latency, with the prediction beside it.
+        assert spec.metrics["latency_ms"] == spec.metrics["latency_ms_measured"]
+        assert spec.metrics["latency_ms_predicted"] > 0
+    assert (res.front["latency_ms"] == res.front["latency_ms_measured"]).all()
+    header, *rows = front_text(res.front, res.objectives).splitlines()
+    names = header.split()
+    assert names[:5] == ["trial", "val_acc", "macs", "params", "latency_ms"] and names[5] == "predicted_ms"
+    shown = {r.split()[0]: r.split()[4] for r in rows}
+    assert shown == {str(r["trial"]): f"{r['latency_ms_measured']:.3f}" for r in res.front.to_dict("records")}
+    csv = pd.read_csv(Path(exp.out_dir) / "pareto" / "pareto.csv", dtype={"trial": str})
+    on = csv[csv["pareto"]]
+    assert (on["latency_ms"] - on["latency_ms_measured"]).abs().max() < 1e-9
     # Logged after each finished trial from the first feasible one on, against a fixed reference.
     hv = sorted(client.get_metric_history(res.parent_run_id, "hypervolume"), key=lambda m: m.step)
     steps, values = [m.step for m in hv], [m.value for m in hv]

@@ -22,7 +22,6 @@ from hybridnas.runners.train import (
     fit_steps,
     lr_factor,
     param_groups,
-    resolve_device,
     train_model,
 )
 from hybridnas.search_space.build import build_model
@@ -261,16 +260,6 @@ def test_weight_decay_skips_norms_biases_and_position_tables():
     no = {names[id(p)] for p in no_decay["params"]}
     assert "1.relative_position_bias_table" in no and "1.conv.bias" in no and "1.norm.weight" in no
     assert "1.conv.weight" not in no and len(decay["params"]) + len(no) == len(names)
-
-
-def test_resolve_device():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="no CUDA GPU"):
-            resolve_device("cuda")
-    with pytest.raises(UserError):
-        resolve_device("tpu")
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):

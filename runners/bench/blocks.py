@@ -21,7 +21,7 @@ for the cores (with one thread every kernel runs on the calling thread); ratios 
 there, wall time on GPUs. Peak memory is the highest total of bytes allocated by forward + backward
 above what existed before (inputs and weights excluded): on the CPU from the allocation events of
 ``torch.profiler`` (``profile_memory=True``, a separate untimed run), on CUDA from
-``torch.cuda.max_memory_allocated``. MACs are per image, from ``runners.measure.profile``.
+``torch.cuda.max_memory_allocated``. MACs are per image, from ``runners.macs.profile``.
 """
 
 from __future__ import annotations
@@ -248,9 +248,9 @@ def matmul_gflops(n: int, device: torch.device, repeats: int = 5) -> float:
 
 
 def macs_per_image(module: nn.Module, width: int, size: int) -> int | None:
-    """Forward MACs of one image, by runners.measure (imported lazily; None if unavailable)."""
+    """Forward MACs of one image, by runners.macs (imported lazily; None if unavailable)."""
     try:
-        from hybridnas.runners.measure import profile
+        from hybridnas.runners.macs import profile
     except ImportError:
         return None
     return int(profile(module, (width, size, size))["macs"])

@@ -47,8 +47,9 @@ from hybridnas.search_space.config import DataConfig, TrainConfig
 from hybridnas.search_space.spec import ArchSpec
 
 from ..data import Dataset, load_dataset
-from ..measure import profile
-from ..train import fit_steps, lr_factor, resolve_device, resolve_precision, seed_everything
+from ..device import resolve_device, torch_threads
+from ..macs import profile
+from ..train import fit_steps, lr_factor, resolve_precision, seed_everything
 
 # experiments/arch_base.yaml (the ablations' base): 28x28 -> 14x14 -> 7x7, 16/32/64 channels.
 BENCH_ARCH = """
@@ -192,10 +193,7 @@ def run(epochs: int = 2, quick: bool = False, device: str = "auto", threads: int
     One CPU thread by default: that is what a search trial with ``resources: {cpu: 1}`` gets.
     """
     dev = resolve_device(device)
-    before = torch.get_num_threads()
-    if dev.type == "cpu" and threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads if dev.type == "cpu" and threads else None):
         spec = ArchSpec.from_yaml(QUICK_ARCH if quick else BENCH_ARCH)
         data = load_dataset(DataConfig(dataset="mnist5k", samples=640 if quick else None))
         cfg = TrainConfig(epochs=1 if quick else epochs, batch_size=128, lr=3e-3, seed=0)
@@ -214,8 +212,6 @@ def run(epochs: int = 2, quick: bool = False, device: str = "auto", threads: int
         res = race(loops, cfg.batch_size, lockstep=dev.type == "cpu")
         peak, dtype = matmul_flops_per_s(dev, precision=precision)
         n_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
     textbook, trainer = res["textbook"], res["trainer"]
     achieved = 3 * fwd_flops * trainer["imgs_per_s"]
     cpu_ratio = (
