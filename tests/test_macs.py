@@ -102,7 +102,7 @@ def test_patch_merging_is_one_linear_4c_to_out():
 def test_deformable_conv_counts_offsets_modulation_and_main_product(groups):
     # DCNv2 with k=3 (taps = 9): offset/modulation conv 3x3, C -> 3*taps: 9 * C * 27 * HW;
     # modulation product (tensor x tensor): C * taps * HW; main product C * (C/g) * taps * HW.
-    # Bilinear sampling (grid_sample) is interpolation, not counted.
+    # Bilinear sampling (a gather and lerps) is interpolation, not counted.
     taps = 9
     expected = 9 * C * 3 * taps * HW + C * taps * HW + C * (C // groups) * taps * HW
     assert macs(build_mixer("deform", C, kernel=3, groups=groups)) == expected
