@@ -26,7 +26,7 @@ hybridnas decisions:
   four corners, in blocks of positions that fit a 4 MiB buffer; two ``lerp`` finish the sample. A
   custom autograd Function saves only the table and the positions (what ``grid_sample`` keeps) and
   gathers the corners again in backward. Against the grid_sample version (CPU, one thread, forward
-  + backward, offsets of ~0.1 px): on par at batch 64, width 64, 28x28 and 14x14; 1.15x the time at
+  + backward, offsets of about a pixel): on par at batch 64, width 64, 28x28 and 14x14; 1.15x the time at
   batch 8, width 32, 28x28; batch-1 inference 1.1-1.2x (per-op overhead on small maps); peak memory
   +3%. Then one matmul contracts (taps x channels) with the weights, so MAC counters see the main
   conv product.
