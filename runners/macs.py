@@ -1,25 +1,42 @@
 """MACs and params of a network, attention included.
 
 MACs are multiply-accumulates (what vision papers print as "FLOPs"); ``flops = 2 * macs``.
+
+The MAC convention, one for every block: count the multiply-accumulates of the block's formula
+computed the materialised way, as the papers' code and FLOP counters do -- matmuls and convolutions,
+the attention logits and the weighted sum of values over every slot of the window (masked and
+padded slots included), and elementwise products of two tensors; additions are free, and so are
+bias adds, position terms added to keys or logits, softmax, normalisation, activations, pooling,
+bilinear resampling, masks and rescales by a constant. A kernel that computes the same result
+another way is counted by this formula, not by the products it executes: the no-copy local
+attention shared by ACmix and Slide (``hybridnas::local_attention``) moves Slide's deformed
+shifting to the query side, where the depthwise conv's bias becomes 2 k^2 C HW products, and
+computes ACmix's position term as 2 C HW products; in the papers' code both are additions. So every
+mixer's count is its paper's closed form (``tests/test_macs.py``): Slide ``4C^2 HW + 2k^2 C HW +
+2k^4 C HW``, ACmix ``3C^2 HW + 2k_a^2 C HW + 3k_c^2 C HW + k_c^4 C HW``, Swin ``4hwC^2 + 2M^2 hwC``.
+
 Counting builds on PyTorch's ``FlopCounterMode`` (a ``TorchDispatchMode`` that sees every aten op
-after autograd and composite decomposition) and registers formulas for what it misses:
+after autograd and composite decomposition). On torch 2.13 it counts ``mm``, ``addmm``, ``bmm``,
+``baddbmm`` and convolutions, and through them ``matmul`` and ``linear`` of 2-D and larger
+operands and every contracting ``einsum`` (it decomposes into batched matmuls). It misses, and this
+module adds formulas for:
 
-* scaled dot-product attention, every aten overload: torch 2.13 counts the CPU flash kernel
-  (``_scaled_dot_product_flash_attention_for_cpu``, what ``F.scaled_dot_product_attention`` runs on
-  the CPU under ``no_grad``) as zero, and the undecomposed op that ``inference_mode`` dispatches not
-  at all. Each is counted as ``B*heads*Lq*Lk*(dk + dv)`` MACs (``Q K^T`` and ``A V``; softmax,
-  scaling and masks are free);
-* elementwise products of two tensors (``aten.mul`` / ``mul_`` / ``addcmul`` where both factors
-  have more than one element): ``numel(out)`` MACs. Local attention written as ``(q * K).sum()``
-  and ``(A * V).sum()`` is counted this way. A product with a Python number or a one-element
+* scaled dot-product attention on the CPU: the flash kernel that ``F.scaled_dot_product_attention``
+  runs there (``_scaled_dot_product_flash_attention_for_cpu``, with or without grad) is counted as
+  zero, and the undecomposed op that ``inference_mode`` dispatches not at all. Every aten overload
+  is counted as ``B*heads*Lq*Lk*(dk + dv)`` MACs (``Q K^T`` and ``A V``; softmax, scaling, masks free);
+* elementwise products of two tensors (``aten.mul`` / ``mul_`` / ``addcmul`` / ``addcmul_`` where
+  both factors have more than one element, which includes an ``einsum`` without a contracted index,
+  e.g. an outer product): ``numel(out)`` MACs. A product with a Python number or a one-element
   tensor (``q * scale``, a learnable mixing rate) is a rescale and is not counted;
-* ``mv``/``dot``/``addmv``/``addbmm``, which a 1-D ``matmul`` can reach.
+* ``mv``/``dot``/``vdot``/``addmv``/``addbmm``, which 1-D ``matmul`` operands reach;
+* ``hybridnas::local_attention``: the papers' count above.
 
+``grid_sample``, ``lerp`` (interpolation) and pooling stay uncounted, as the convention says.
 No double counting: an op with a formula is executed with the dispatch mode switched off, so the
 kernels it calls internally are never seen; an op without one (``einsum``, ``matmul``, ``linear``)
-is decomposed, and only its pieces (``bmm``, ``mm``, ``addmm``) are counted. Not counted, as in
-the papers: additions, softmax, normalisation, activations, pooling, bias terms. Each mixer's
-count is tested against its paper's closed form (tests/test_macs.py; README "Measuring").
+is decomposed, and only its pieces (``bmm``, ``mm``, ``addmm``) are counted.
+Each mixer's count is tested against its paper's closed form (tests/test_macs.py; README "Measuring").
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from hybridnas.blocks.slide import local_attention_op
 from hybridnas.runners.device import as_input_shape, eval_mode, example_input, model_device
 
 aten = torch.ops.aten
@@ -78,6 +96,17 @@ def _dot_flops(a: torch.Size, b: torch.Size, *args: Any, out_shape: Any = None, 
     return 2 * a[0]
 
 
+def _local_attention_flops(
+    q: torch.Size, k: Any, v: Any, pe: Any, rpb: Any, wk: Any, ry: int, rx: int, *args: Any, **kw: Any
+) -> int:
+    # q: (B, heads, c, H, W), D = (2ry+1)(2rx+1) slots (the kernel clamped to the map). Per pixel,
+    # head and channel: D logit and D aggregation products; with Slide's deformed shifting (wk) also
+    # the depthwise conv that builds D keys and D values from D taps each, 2 D^2. The position term
+    # (pe), the conv bias and the bias per head and slot (rpb) are additions: free.
+    d = (2 * ry + 1) * (2 * rx + 1)
+    return 2 * _numel(q) * (2 * d + (2 * d * d if wk is not None else 0))
+
+
 def _addbmm_flops(s: Any, a: torch.Size, b: torch.Size, *args: Any, out_shape: Any = None, **kw: Any) -> int:
     return 2 * a[0] * a[1] * a[2] * b[2]
 
@@ -109,7 +138,9 @@ _EXTRA_FORMULAS: dict[str, Callable[..., int]] = {
 def custom_flop_mapping() -> dict[Any, Callable[..., int]]:
     """The formulas added to FlopCounterMode's registry (keyed by aten overload packet)."""
     # getattr: an op missing from an older or newer torch is skipped rather than breaking import.
-    return {getattr(aten, name): f for name, f in _EXTRA_FORMULAS.items() if hasattr(aten, name)}
+    mapping = {getattr(aten, name): f for name, f in _EXTRA_FORMULAS.items() if hasattr(aten, name)}
+    mapping[local_attention_op] = _local_attention_flops
+    return mapping
 
 
 def count_params(model: nn.Module) -> int:

@@ -1,10 +1,11 @@
 """runners.macs: MAC counts of every block against its closed form (shared DESIGN.md: "MACs count
 attention correctly"), and the counter itself (what FlopCounterMode misses, no double counting, params).
 
-Each test states the formula it checks. Conventions (as in the papers' counters): MACs of products
-only -- matmuls, convolutions, attention logits and aggregation, and elementwise tensor x tensor
-products; additions, softmax, normalisation, activations, pooling, biases and masks are free.
-The forms hold to within 1 %; most are exact.
+Each test states the formula it checks. The convention (``runners.macs``'s docstring, as in the
+papers' counters): the products of the block's formula computed the materialised way -- matmuls,
+convolutions, attention logits and aggregation, and elementwise tensor x tensor products; additions,
+bias adds, position terms added to keys or logits, softmax, normalisation, activations, pooling,
+bilinear resampling and masks are free. Every form holds exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from hybridnas.blocks import Block, build_addon, build_downsample, build_mixer, reparameterize
+from hybridnas.blocks import MIXERS, Block, build_addon, build_downsample, build_mixer, reparameterize
 from hybridnas.runners.macs import custom_flop_mapping, profile, profile_spec
 
 C, H, W = 32, 14, 14
@@ -26,27 +27,23 @@ def macs(module: torch.nn.Module, c: int = C, h: int = H, w: int = W) -> int:
     return profile(module, (c, h, w))["macs"]
 
 
-def close(counted: int, expected: float) -> bool:
-    return counted == pytest.approx(expected, rel=0.01)
-
-
 @pytest.mark.parametrize("kernel,groups", [(1, 1), (3, 1), (5, 1), (3, 4), (3, C)])
 def test_conv_mixer_is_k2_hw_c2_over_groups(kernel, groups):
     # k^2 * hw * C^2 / groups
-    assert close(macs(build_mixer("conv", C, kernel=kernel, groups=groups)), kernel**2 * HW * C * C / groups)
+    assert macs(build_mixer("conv", C, kernel=kernel, groups=groups)) == kernel**2 * HW * C * C / groups
 
 
 @pytest.mark.parametrize("heads,window", [(4, 7), (2, 7), (4, 2)])
 def test_window_msa_matches_swin_formula(heads, window):
     # Swin: Omega(W-MSA) = 4hwC^2 + 2M^2hwC when M divides H and W (14 = 2*7 = 7*2).
-    assert close(
-        macs(build_mixer("window", C, heads=heads, window=window)), 4 * HW * C**2 + 2 * window**2 * HW * C
+    assert (
+        macs(build_mixer("window", C, heads=heads, window=window)) == 4 * HW * C**2 + 2 * window**2 * HW * C
     )
 
 
 def test_shifted_window_msa_costs_the_same_as_w_msa():
     # Cyclic shift and the region mask are free: SW-MSA = W-MSA = 4hwC^2 + 2M^2hwC.
-    assert close(macs(build_mixer("shifted_window", C, heads=4, window=7)), 4 * HW * C**2 + 2 * 49 * HW * C)
+    assert macs(build_mixer("shifted_window", C, heads=4, window=7)) == 4 * HW * C**2 + 2 * 49 * HW * C
 
 
 @pytest.mark.parametrize("mixer", ["window", "shifted_window"])
@@ -54,14 +51,14 @@ def test_window_msa_on_a_padded_map_attends_over_the_padded_windows(mixer):
     # M=4 does not divide 14: the map is padded to 16x16 for attention (padded keys masked, still
     # computed), projections run on the real 14x14 tokens: 4hwC^2 + 2M^2 * hp*wp * C, hp = wp = 16.
     m, hp = 4, 16
-    assert close(macs(build_mixer(mixer, C, heads=4, window=m)), 4 * HW * C**2 + 2 * m * m * hp * hp * C)
+    assert macs(build_mixer(mixer, C, heads=4, window=m)) == 4 * HW * C**2 + 2 * m * m * hp * hp * C
 
 
 @pytest.mark.parametrize("mixer", ["window", "shifted_window"])
 def test_window_covering_the_map_is_global_attention(mixer):
     # A window >= the map is one window (no shift): Omega(MSA) = 4hwC^2 + 2(hw)^2C.
-    assert close(macs(build_mixer(mixer, C, heads=4, window=14)), 4 * HW * C**2 + 2 * HW**2 * C)
-    assert close(macs(build_mixer(mixer, C, heads=4, window=20)), 4 * HW * C**2 + 2 * HW**2 * C)
+    assert macs(build_mixer(mixer, C, heads=4, window=14)) == 4 * HW * C**2 + 2 * HW**2 * C
+    assert macs(build_mixer(mixer, C, heads=4, window=20)) == 4 * HW * C**2 + 2 * HW**2 * C
 
 
 def test_block_adds_the_mlp_to_the_mixer():
@@ -107,7 +104,7 @@ def test_patch_merging_is_one_linear_4c_to_out():
 def test_deformable_conv_counts_offsets_modulation_and_main_product(groups):
     # DCNv2 with k=3 (taps = 9): offset/modulation conv 3x3, C -> 3*taps: 9 * C * 27 * HW;
     # modulation product (tensor x tensor): C * taps * HW; main product C * (C/g) * taps * HW.
-    # Bilinear sampling (grid_sample) is interpolation, not counted.
+    # Bilinear sampling (a gather and lerps) is interpolation, not counted.
     taps = 9
     expected = 9 * C * 3 * taps * HW + C * taps * HW + C * (C // groups) * taps * HW
     assert macs(build_mixer("deform", C, kernel=3, groups=groups)) == expected
@@ -129,7 +126,7 @@ def test_axial_attention_matches_the_axial_deeplab_form(heads, span):
         return HW * C * heads * (2 * dq + dv) + 3 * HW * length * heads * dq + 2 * HW * length * heads * dv
 
     expected = layer(H) + layer(W) + C * C * HW  # = 5C^2 HW + 3.5 C HW (H + W)
-    assert close(macs(build_mixer("axial", C, heads=heads, span=span)), expected)
+    assert macs(build_mixer("axial", C, heads=heads, span=span)) == expected
 
 
 def test_axial_attention_on_a_non_square_map_uses_each_axis_length():
@@ -139,19 +136,19 @@ def test_axial_attention_on_a_non_square_map_uses_each_axis_length():
     def layer(length):
         return 2 * C * C * hw + 3 * hw * length * C // 2 + 2 * hw * length * C
 
-    assert close(macs(build_mixer("axial", C, heads=4), h=h, w=w), layer(h) + layer(w) + C * C * hw)
+    assert macs(build_mixer("axial", C, heads=4), h=h, w=w) == layer(h) + layer(w) + C * C * hw
 
 
 @pytest.mark.parametrize("kernel", [3, 5])
 @pytest.mark.parametrize("heads", [2, 4])
-def test_slide_attention_matches_its_form(kernel, heads):
+def test_slide_attention_matches_the_paper_form(kernel, heads):
     # blocks_reference 4.3 at inference: 4C^2 HW (qkv + proj) + 2 k^2 C HW (logits + aggregation)
-    # + 2 k^4 C HW (the deformed-shifting depthwise conv on k and v). hybridnas applies the learnable
-    # conv's bias through the same slots: + 2 k^2 C HW. Masked out-of-image keys still count the
-    # full k^2 per pixel.
+    # + 2 k^4 C HW (the deformed-shifting depthwise conv on k and v); its bias is an addition, free
+    # (the no-copy kernel executes it as 2 k^2 C HW products; it is counted by this formula).
+    # Masked out-of-image keys still count the full k^2 per pixel. Exact.
     k2 = kernel * kernel
-    expected = 4 * C * C * HW + 2 * k2 * C * HW + 2 * k2 * k2 * C * HW + 2 * k2 * C * HW
-    assert close(macs(build_mixer("slide", C, heads=heads, kernel=kernel)), expected)
+    expected = 4 * C * C * HW + 2 * k2 * C * HW + 2 * k2 * k2 * C * HW
+    assert macs(build_mixer("slide", C, heads=heads, kernel=kernel)) == expected
 
 
 def test_slide_costs_the_same_after_reparameterization():
@@ -163,19 +160,18 @@ def test_slide_costs_the_same_after_reparameterization():
 
 @pytest.mark.parametrize("kernel_att", [5, 7])
 @pytest.mark.parametrize("heads", [2, 4])
-def test_acmix_matches_its_form(kernel_att, heads):
+def test_acmix_matches_the_paper_form(kernel_att, heads):
     # blocks_reference 1.5 (MACs, stride 1), with k_a = kernel_att, k_c = 3:
     #   Stage I, shared 1x1 q/k/v          3 C^2 HW
     #   attention logits + aggregation     2 k_a^2 C HW   (masked border keys still cost full k_a^2)
-    #   position term                      2 C HW: hybridnas' pe is linear in the offset, so
-    #                                      q.(pe(p) - pe(p+d)) = -(q W_p).d needs one q x W_p (hd -> 2)
-    #                                      per pixel and head; the offsets d are integers (free)
+    #   position term q.(pe(p) - pe(p+d))  free: ACmix's code adds it to the keys (the kernel
+    #                                      computes it as q . W_p, 2 C HW products, not counted)
     #   conv path: fc 3N -> k_c^2          3 C k_c^2 HW
     #              grouped k_c x k_c conv  C k_c^4 HW
-    # rate1 * att + rate2 * conv are one-element rescales (free).
+    # rate1 * att + rate2 * conv are one-element rescales (free). Exact.
     ka2, kc = kernel_att**2, 3
-    expected = 3 * C * C * HW + 2 * ka2 * C * HW + 2 * C * HW + 3 * C * kc * kc * HW + C * kc**4 * HW
-    assert close(macs(build_mixer("acmix", C, heads=heads, kernel_att=kernel_att)), expected)
+    expected = 3 * C * C * HW + 2 * ka2 * C * HW + 3 * C * kc * kc * HW + C * kc**4 * HW
+    assert macs(build_mixer("acmix", C, heads=heads, kernel_att=kernel_att)) == expected
 
 
 @pytest.mark.parametrize("mixer,option", [("acmix", "kernel_att"), ("slide", "kernel")])
@@ -184,6 +180,24 @@ def test_local_attention_kernel_larger_than_the_map_is_clamped(mixer, option):
     big = macs(build_mixer(mixer, C, heads=4, **{option: 9}), h=4, w=4)
     seven = macs(build_mixer(mixer, C, heads=4, **{option: 7}), h=4, w=4)
     assert big == seven
+
+
+# Every registered mixer at its default options (C = 32 on 14 x 14), in the papers' closed forms.
+DEFAULT_FORMS = {
+    "conv": 9 * HW * C * C,
+    "acmix": 3 * C * C * HW + 2 * 49 * C * HW + 3 * 9 * C * HW + 81 * C * HW,
+    "window": 4 * HW * C * C + 2 * 49 * HW * C,
+    "shifted_window": 4 * HW * C * C + 2 * 49 * HW * C,
+    "slide": 4 * C * C * HW + 2 * 9 * C * HW + 2 * 81 * C * HW,
+    "axial": 5 * C * C * HW + 7 * C * HW * (H + W) // 2,
+    "deform": 9 * C * 27 * HW + C * 9 * HW + C * C * 9 * HW,
+}
+
+
+def test_every_registered_mixer_is_counted_by_its_closed_form():
+    assert set(DEFAULT_FORMS) == set(MIXERS)  # a new mixer needs its form here
+    counted = {name: macs(build_mixer(name, C)) for name in MIXERS}
+    assert counted == DEFAULT_FORMS
 
 
 # ---- the counter itself: what FlopCounterMode misses, no double counting, params ----------------

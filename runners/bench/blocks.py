@@ -74,7 +74,7 @@ def unfold_local_attention(
     v: torch.Tensor,
     kernel: int,
     *,
-    pos: torch.Tensor | None = None,
+    pe: torch.Tensor | None = None,
     rpb: torch.Tensor | None = None,
     mix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -84,8 +84,10 @@ def unfold_local_attention(
     q, k, v: (B, N, c, H, W). Keys and values of each pixel's k x k neighbourhood are gathered with
     ``F.unfold`` (zero padding) into (B, N, c, k^2, H, W) tensors; neighbours outside the image are
     masked. ``mix = (M, b)`` turns the columns into Slide's deformed keys ``sum_e M[:, d, e] k_e + b``
-    (an Im2Col depthwise conv); ``pos`` adds ``dy * pos_y + dx * pos_x`` (ACmix), ``rpb`` a bias per
-    head and offset (Slide).
+    (an Im2Col depthwise conv); ``pe`` adds ``q . (pe d)`` (ACmix), ``rpb`` a bias per head and
+    offset (Slide). Biases and position terms join keys or logits as additions, so its MACs (the
+    products it executes) are the papers' count, which ``runners.macs`` reports for the fast
+    kernel too.
     """
     B, N, c, H, W = q.shape
     r, D = kernel // 2, kernel * kernel
@@ -98,17 +100,18 @@ def unfold_local_attention(
         m, b = mix
         keys = torch.einsum("cde,bncehw->bncdhw", m, keys) + b[:, :, None, None]
         values = torch.einsum("cde,bncehw->bncdhw", m, values) + b[:, :, None, None]
-    logits = (q.unsqueeze(3) * keys).sum(2)  # (B, N, D, H, W)
-    offsets = torch.tensor(
-        [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)], device=q.device, dtype=q.dtype
-    )
-    if pos is not None:
-        logits = logits + torch.einsum("bnkhw,dk->bndhw", pos, offsets)
+    shifts = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    if pe is not None:  # as ACmix's code does: the position term joins the keys before the product
+        rel = torch.stack([pe[:, 0] * dy + pe[:, 1] * dx for dy, dx in shifts], 1)  # (c, D)
+        logits = (q.unsqueeze(3) * (keys + rel[:, :, None, None])).sum(2)  # (B, N, D, H, W)
+    else:
+        logits = (q.unsqueeze(3) * keys).sum(2)
     if rpb is not None:
         logits = logits + rpb[:, :, None, None]
     ys = torch.arange(H, device=q.device).view(1, H, 1)
     xs = torch.arange(W, device=q.device).view(1, 1, W)
-    dy, dx = offsets[:, 0].long().view(D, 1, 1), offsets[:, 1].long().view(D, 1, 1)
+    offsets = torch.tensor(shifts, device=q.device)
+    dy, dx = offsets[:, 0].view(D, 1, 1), offsets[:, 1].view(D, 1, 1)
     outside = (ys + dy < 0) | (ys + dy >= H) | (xs + dx < 0) | (xs + dx >= W)  # (D, H, W)
     attn = logits.masked_fill(outside, float("-inf")).softmax(2)
     return (attn.unsqueeze(2) * values).sum(3)
