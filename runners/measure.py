@@ -50,7 +50,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -63,6 +62,8 @@ import torch
 from hybridnas.search_space.errors import UserError
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .machine import cpu_model
 
 aten = torch.ops.aten
 
@@ -556,13 +557,7 @@ def _device_name(device: torch.device) -> str:
     """What the latency was measured on: the GPU's name, or the CPU's model name."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"cpu:{name}"
+    return f"cpu:{cpu_model()}"
 
 
 def _context_key(

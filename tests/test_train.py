@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 
 import pytest
 import torch
 from hybridnas.blocks import MIXERS
 from hybridnas.runners.cli import main as cli
 from hybridnas.runners.data import load_dataset
+from hybridnas.runners.machine import Bf16Support
 from hybridnas.runners.train import (
     DeviceData,
     TrainingDiverged,
@@ -276,14 +278,42 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     import hybridnas.runners.train as train
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert train.resolve_precision("fp32", gpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
+    assert train.resolve_precision("fp32", gpu) == "fp32" and train.resolve_precision("bf16", gpu) == "bf16"
     assert train.resolve_precision("auto", gpu) == "bf16"
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(train, "bf16_support", lambda: Bf16Support(False, "no AMX or AVX512-BF16"))
     assert train.resolve_precision("auto", cpu) == "fp32"
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(train, "bf16_support", lambda: Bf16Support(True, "AMX"))
     assert train.resolve_precision("auto", cpu) == "bf16"
+    assert train.resolve_precision("fp32", cpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(UserError, match="fp16"):
         train.resolve_precision("fp16", cpu)
+
+
+def test_bf16_forced_on_a_cpu_without_native_bf16_warns_once_that_it_is_emulated(monkeypatch):
+    import hybridnas.runners.train as train
+
+    cpu = torch.device("cpu")
+    train._warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(
+        train, "bf16_support", lambda: Bf16Support(False, "no AMX or AVX512-BF16", onednn=False)
+    )
+    with pytest.warns(UserWarning) as caught:
+        assert train.resolve_precision("bf16", cpu) == "bf16"
+        assert train.resolve_precision("bf16", cpu) == "bf16"
+    assert len(caught) == 1  # once per process, not once per trial
+    msg = str(caught[0].message)
+    assert msg.startswith("precision bf16 on a CPU without native bf16 (no AMX or AVX512-BF16)")
+    assert "reference kernels, which sum weight gradients over the batch in bf16" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train.resolve_precision("auto", cpu) == "fp32"  # auto never warns: it picks fp32 here
+        monkeypatch.setattr(train, "bf16_support", lambda: Bf16Support(True, "AMX"))
+        assert train.resolve_precision("bf16", cpu) == "bf16"  # native: nothing to say
+        monkeypatch.setattr(train, "bf16_support", lambda: Bf16Support(False, "capped", onednn=True))
+        with pytest.raises(UserWarning) as raised:
+            train.resolve_precision("bf16", cpu)
+        assert "reference kernels" not in str(raised.value)  # oneDNN still runs the convolutions
+    train._warn_emulated_bf16.cache_clear()
 
 
 def test_bad_precision_names_the_key_and_the_choices():
