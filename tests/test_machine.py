@@ -125,3 +125,11 @@ def test_cpu_model_is_the_model_name_from_proc_cpuinfo():
     if not names:  # not Linux, or a kernel (some ARM ones) that names no model there
         pytest.skip("no model name in /proc/cpuinfo on this machine")
     assert cpu_model() == names[0]
+
+
+def test_load_average_names_the_one_minute_load_and_the_cores(monkeypatch):
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (1.234, 0.5, 0.25))
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+    assert machine.load_average() == "load average 1.23 on 2 cores"
+    monkeypatch.delattr(machine.os, "getloadavg")  # Windows has none
+    assert machine.load_average() == "load average unknown"

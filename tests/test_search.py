@@ -459,6 +459,7 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     import re
 
     from hybridnas.runners.bench import search as bench
+    from hybridnas.runners.machine import machine_line
 
     monkeypatch.chdir(tmp_path)
     search = {"sampler": "random", "trials": 3, "concurrency": 2, "seed": 0}
@@ -466,6 +467,7 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     _experiment(tmp_path, "bench", search)  # writes bench.yaml
     assert bench.main(argparse.Namespace(experiment=str(path), trials=3, epochs=1, quick=False)) == 0
     out = capsys.readouterr().out
+    assert out.splitlines()[0] == machine_line()  # which machine, before anything is measured
     wall = float(re.search(r"^  wall\s+([\d.]+)$", out, re.M).group(1))
     train = float(re.search(r"training time ([\d.]+) s in all", out).group(1))
     overhead = float(re.search(r"/ wall = ([\d.]+)%", out).group(1))

@@ -20,7 +20,6 @@ thing, but unaffected by other processes competing for the cores; see `runners.m
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.bench import quickstart_path
+from hybridnas.runners.machine import load_average, machine_line
 from hybridnas.runners.measure import LatencyTable, calibrate_table, latency, missing_units, predict_latency
 from hybridnas.search_space.errors import SpecError
 
@@ -65,13 +65,6 @@ def _describe(spec: Any) -> str:
             + (f" ↓{st.downsample}" if st.downsample != "none" else "")
         )
     return f"stem {spec.stem.channels} | " + " | ".join(parts)
-
-
-def _load() -> str:
-    try:
-        return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
-    except OSError:
-        return "load average unknown"
 
 
 def evaluate(exp: Any, samples: int, runs: int, clock: str, seed: int = 0) -> list[dict[str, Any]]:
@@ -177,13 +170,14 @@ def main(args: argparse.Namespace) -> int:
         samples = min(samples, 6)
     runs = 20 if quick else 50
     lat = exp.latency
+    print(machine_line())
     clocks = ["wall", "cpu"] if lat.device == "cpu" and lat.threads == 1 else ["wall"]
     print(
         f"latency table vs end-to-end: {exp.name}, {samples} test architectures, {lat.device}, "
         f"batch {lat.batch_size}, {lat.threads} thread(s), medians of {runs} runs; table calibrated on "
         "other architectures of the space"
     )
-    print(f"machine: {_load()}")
+    print(load_average())
     summaries = {}
     for clock in clocks:
         t0 = time.perf_counter()
@@ -222,5 +216,5 @@ def main(args: argparse.Namespace) -> int:
             f"timed end to end, {cal['seconds']:.1f} s; a lookup prediction takes {1e3 * lookup_s:.1f} ms; "
             f"this clock's run took {took:.0f} s."
         )
-    print(f"\nmachine: {_load()}")
+    print(f"\n{load_average()} at the end")
     return 0
