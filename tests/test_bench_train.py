@@ -12,6 +12,7 @@ import re
 import torch
 from hybridnas.runners.bench import train as bench
 from hybridnas.runners.data import load_dataset
+from hybridnas.runners.machine import machine_line
 from hybridnas.search_space.build import build_model
 from hybridnas.search_space.config import DataConfig, TrainConfig
 from hybridnas.search_space.spec import ArchSpec
@@ -63,6 +64,7 @@ def test_quick_bench_prints_consistent_rates_ratio_and_flop_fraction(capsys):
     assert bench.main(argparse.Namespace(epochs=1, quick=True)) == 0
     assert torch.get_num_threads() == threads
     out = capsys.readouterr().out
+    assert out.splitlines()[0] == machine_line()  # which machine, before anything is measured
     rates = {
         name: [
             float(v.replace(",", ""))
@@ -78,7 +80,8 @@ def test_quick_bench_prints_consistent_rates_ratio_and_flop_fraction(capsys):
     assert abs(speedup - tr[0] / tb[0]) < 0.02 * speedup + 0.01
     assert abs(speedup_cpu - tr[1] / tb[1]) < 0.02 * speedup_cpu + 0.01
     m = re.search(
-        r"3 x ([\d.]+) MFLOP/img x ([\d,]+) img/s = ([\d.]+) GFLOP/s = ([\d.]+)% .* \(([\d,]+) GFLOP/s\)", out
+        r"3 x ([\d.]+) MFLOP/img x ([\d,]+) img/s = ([\d.]+) GFLOP/s = ([\d.]+)% .* \(([\d,.]+) GFLOP/s\)",
+        out,
     )
     mflop, imgs, gflops, pct, peak = (float(v.replace(",", "")) for v in m.groups())
     assert imgs == tr[0]

@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..data import Dataset, load_dataset
+from ..machine import machine_line
 from ..measure import profile
 from ..train import fit_steps, lr_factor, resolve_device, resolve_precision, seed_everything
 
@@ -246,7 +247,14 @@ def _rate(x: float | None, width: int) -> str:
     return f"{x:{width},.0f}" if x is not None else " " * (width - 1) + "-"
 
 
+def _gflops(flops_per_s: float) -> str:
+    """GFLOP/s to at least three significant digits: 1,148 or 37.4 or 1.37 (emulated bf16)."""
+    g = flops_per_s / 1e9
+    return f"{g:,.0f}" if g >= 100 else f"{g:.3g}"
+
+
 def main(args: argparse.Namespace) -> int:
+    print(machine_line(), flush=True)
     r = run(epochs=args.epochs, quick=args.quick)
     tb, tr, fp = r["textbook"], r["trainer"], r["trainer_fp32"]
     mode = "in lockstep, step by step" if r["lockstep"] else "one after the other"
@@ -276,6 +284,6 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"  trainer: 3 x {r['fwd_flops'] / 1e6:.1f} MFLOP/img x {tr['imgs_per_s']:,.0f} img/s = "
         f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['fraction_of_matmul']:.1f}% of this machine's "
-        f"{r['matmul_dtype']} matmul rate ({r['matmul_flops_per_s'] / 1e9:,.0f} GFLOP/s)"
+        f"{r['matmul_dtype']} matmul rate ({_gflops(r['matmul_flops_per_s'])} GFLOP/s)"
     )
     return 0
