@@ -133,3 +133,16 @@ def test_load_average_names_the_one_minute_load_and_the_cores(monkeypatch):
     assert machine.load_average() == "load average 1.23 on 2 cores"
     monkeypatch.delattr(machine.os, "getloadavg")  # Windows has none
     assert machine.load_average() == "load average unknown"
+
+
+def test_pytest_prints_the_machine_line_first_even_when_quiet():
+    # tests/conftest.py: a red run of the README's test command says which kind of machine it ran on.
+    test = f"{Path(__file__).name}::test_load_average_names_the_one_minute_load_and_the_cores"
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.splitlines()[0] == machine_line()
