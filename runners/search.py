@@ -43,8 +43,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import socket
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -465,6 +467,42 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
+class _PicklableLock:
+    """A `threading.Lock` for ``with`` blocks that pickles as a new, unlocked lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)
+
+    def __reduce__(self) -> tuple:
+        return (_PicklableLock, ())
+
+
+def _picklable(sampler: Any) -> Any:
+    """Optuna 5.1's NSGA-II/III samplers keep a `threading.Lock` in ``_thread_lock`` (used only in
+    ``with`` blocks) and no ``__getstate__``, so they cannot be pickled, and Ray Tune pickles the
+    searcher with its sampler when the Tuner is built: every nsga2/nsga3 search failed with "cannot
+    pickle '_thread.lock' object". A sampler that pickles is left alone."""
+    import optuna
+
+    try:
+        pickle.dumps(sampler)
+        return sampler
+    except TypeError:
+        if not hasattr(sampler, "_thread_lock"):
+            raise
+    log = logging.getLogger(__name__)
+    log.debug("optuna %s: %s holds an unpicklable lock; swapped", optuna.__version__, type(sampler).__name__)
+    sampler._thread_lock = _PicklableLock()
+    pickle.dumps(sampler)  # anything else unpicklable fails here, not in the Tuner
+    return sampler
+
+
 def make_sampler(sampler: str, seed: int, trials: int, grid_space: dict | None = None) -> Any:
     """The Optuna sampler named in ``search.sampler``, seeded.
 
@@ -482,9 +520,9 @@ def make_sampler(sampler: str, seed: int, trials: int, grid_space: dict | None =
         )
     population = max(4, min(50, trials // 3))
     if sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+        return _picklable(optuna.samplers.NSGAIISampler(seed=seed, population_size=population))
     if sampler == "nsga3":
-        return optuna.samplers.NSGAIIISampler(seed=seed, population_size=population)
+        return _picklable(optuna.samplers.NSGAIIISampler(seed=seed, population_size=population))
     if sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if sampler == "grid":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -443,6 +444,20 @@ def test_resume_after_a_killed_driver_keeps_finished_trials_and_the_count(ray_lo
     assert client.get_run(res.parent_run_id).info.status == "FINISHED"
     state = yaml.safe_load((Path(exp.out_dir) / "state.json").read_text())
     assert state["parent_run_id"] == res.parent_run_id and state["finished"] is True
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "nsga3", "random"])
+def test_every_sampler_pickles_as_the_tuner_needs_and_samples_on_after_unpickling(name):
+    # Ray Tune pickles the searcher with its sampler when the Tuner is built; Optuna 5.1's NSGA-II/III
+    # samplers hold a threading.Lock, which failed every nsga2/nsga3 search (the quickstart's too).
+    import optuna
+    from hybridnas.runners.search import make_sampler
+
+    sampler = pickle.loads(pickle.dumps(make_sampler(name, seed=0, trials=12)))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=10)
+    assert len(study.trials) == 10  # population 4: two generations bred after the random one
+    pickle.dumps(sampler)  # and it still pickles with its generation cache filled
 
 
 def test_resume_without_state_is_refused(tmp_path):
