@@ -784,7 +784,10 @@ def init_ray(address: str | None = None, workers: int | None = None) -> bool:
         system: dict[str, Any] = {"preload_python_modules": list(WORKER_PRELOAD)}
         if workers:
             system["num_workers_soft_limit"] = max(1, min(int(workers), os.cpu_count() or 1))
-        ray.init(num_cpus=os.cpu_count(), _system_config=system, **common)
+        # "local": a new Ray here. With no address Ray joins whatever RAY_ADDRESS or
+        # /tmp/ray/ray_current_cluster names (`ray start`, ray.cluster_utils in another process)
+        # and then refuses num_cpus; a cluster is joined with --address only.
+        ray.init(address="local", num_cpus=os.cpu_count(), _system_config=system, **common)
         global _LOCAL_RAY_SESSION
         _LOCAL_RAY_SESSION = ray.get_runtime_context().get_job_id()
     # Tune logs every failed trial with its traceback; the progress line and MLflow already say it.

@@ -460,6 +460,16 @@ def test_every_sampler_pickles_as_the_tuner_needs_and_samples_on_after_unpicklin
     pickle.dumps(sampler)  # and it still pickles with its generation cache filled
 
 
+def test_a_local_search_starts_its_own_ray_even_when_another_cluster_is_advertised():
+    # Another process's cluster (ray.cluster_utils, `ray start`) is advertised in RAY_ADDRESS or
+    # /tmp/ray/ray_current_cluster; a plain ray.init() joined it and then refused num_cpus.
+    code = "import ray; from hybridnas.runners.search import init_ray; assert init_ray(); print(ray.cluster_resources()['CPU'])"
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) == os.cpu_count()
+
+
 def test_resume_without_state_is_refused(tmp_path):
     exp = _experiment(tmp_path, "nothing", {"sampler": "random", "trials": 2})
     with pytest.raises(SearchError, match="nothing to resume"):
