@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import platform
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from hybridnas.runners.machine import cpu_model
 from hybridnas.search_space.errors import UserError
 
 
@@ -71,16 +70,6 @@ def sync_for(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
-
-
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (else what `platform` knows)."""
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return name
 
 
 @functools.lru_cache(maxsize=16)

@@ -11,6 +11,18 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def pytest_sessionstart(session):
+    """The machine line first (CPU model, native bf16 or not, torch's CPU capability), also under
+    ``-q``: a red run says which kind of machine it ran on. Once, from the controller under xdist."""
+    if hasattr(session.config, "workerinput"):
+        return
+    from hybridnas.runners.machine import machine_line
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(machine_line())
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

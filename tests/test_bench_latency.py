@@ -19,6 +19,7 @@ import pytest
 from hybridnas.runners.bench import latency as bench
 from hybridnas.runners.bench.load import busy_load
 from hybridnas.runners.calibration import NoiseLimits
+from hybridnas.runners.machine import machine_line
 from hybridnas.search_space import Experiment
 from hybridnas.search_space.errors import SpecError
 
@@ -90,6 +91,7 @@ def test_main_prints_share_within_10_percent_and_median_error_per_clock(experime
     rc = bench.main(argparse.Namespace(experiment=str(experiment_file), samples=1, quick=True, load=0))
     out = capsys.readouterr().out
     assert rc == 0
+    assert out.splitlines()[0] == machine_line()  # which machine, before anything is measured
     summaries = re.findall(r"^(wall|cpu): (\d+)% of 1 within 10% .*median \|error\| ([\d.]+)%", out, re.M)
     assert [s[0] for s in summaries] == ["wall", "cpu"]
     assert "noise floor" in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -461,6 +462,31 @@ def test_resume_after_a_killed_driver_keeps_finished_trials_and_the_count(ray_lo
     assert state["parent_run_id"] == res.parent_run_id and state["finished"] is True
 
 
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "nsga3", "random"])
+def test_every_sampler_pickles_as_the_tuner_needs_and_samples_on_after_unpickling(name):
+    # Ray Tune pickles the searcher with its sampler when the Tuner is built; Optuna 5.1's NSGA-II/III
+    # samplers hold a threading.Lock, which failed every nsga2/nsga3 search (the quickstart's too).
+    import optuna
+
+    from hybridnas.runners.search import make_sampler
+
+    sampler = pickle.loads(pickle.dumps(make_sampler(name, seed=0, trials=12)))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=10)
+    assert len(study.trials) == 10  # population 4: two generations bred after the random one
+    pickle.dumps(sampler)  # and it still pickles with its generation cache filled
+
+
+def test_a_local_search_starts_its_own_ray_even_when_another_cluster_is_advertised():
+    # Another process's cluster (ray.cluster_utils, `ray start`) is advertised in RAY_ADDRESS or
+    # /tmp/ray/ray_current_cluster; a plain ray.init() joined it and then refused num_cpus.
+    code = "import ray; from hybridnas.runners.search import init_ray; assert init_ray(); print(ray.cluster_resources()['CPU'])"
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) == os.cpu_count()
+
+
 def test_resume_without_state_is_refused(tmp_path):
     exp = _experiment(tmp_path, "nothing", {"sampler": "random", "trials": 2})
     with pytest.raises(SearchError, match="nothing to resume"):
@@ -475,6 +501,7 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     import re
 
     from hybridnas.runners.bench import search as bench
+    from hybridnas.runners.machine import machine_line
 
     monkeypatch.chdir(tmp_path)
     search = {"sampler": "random", "trials": 3, "concurrency": 2, "seed": 0}
@@ -482,6 +509,7 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     _experiment(tmp_path, "bench", search)  # writes bench.yaml
     assert bench.main(argparse.Namespace(experiment=str(path), trials=3, epochs=1, quick=False)) == 0
     out = capsys.readouterr().out
+    assert out.splitlines()[0] == machine_line()  # which machine, before anything is measured
     wall = float(re.search(r"^  wall\s+([\d.]+)$", out, re.M).group(1))
     train = float(re.search(r"training time ([\d.]+) s in all", out).group(1))
     overhead = float(re.search(r"/ wall = ([\d.]+)%", out).group(1))

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..machine import load_average, machine_line
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -337,14 +339,10 @@ def run(s: Setting, names: list[str] | None = None, device: torch.device | None 
     names = list(blocks.MIXERS) if names is None else names
     matmul = matmul_gflops(s.matmul_n, device)
     lines = [
+        machine_line(),
         f"bench blocks: forward+backward, batch {s.batch}, width {s.width}, {s.heads} heads, fp32, {device}, "
         f"{torch.get_num_threads()} thread(s), median of {s.repeats} after {s.warmup} warm-up",
-        f"matmul rate: {matmul:.1f} GFLOP/s ({s.matmul_n}x{s.matmul_n} fp32); "
-        + (
-            f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
-            if hasattr(os, "getloadavg")
-            else ""
-        ),
+        f"matmul rate: {matmul:.1f} GFLOP/s ({s.matmul_n}x{s.matmul_n} fp32); {load_average()}",
         "speedup = unfold time / mixer time, mem = mixer peak / unfold peak (both from the cpu clock on the CPU);"
         " % matmul = 3 x forward MACs / time vs the matmul rate",
         "",

@@ -37,7 +37,6 @@ from typing import Any
 from hybridnas.runners.bench import quickstart_path
 from hybridnas.runners.bench.load import busy_load
 from hybridnas.runners.calibration import NoiseLimits, calibrate_table, deviation_text
-from hybridnas.runners.device import cpu_model
 from hybridnas.runners.latency import LatencyContext, latency
 from hybridnas.runners.latency_table import (
     LatencyTable,
@@ -46,6 +45,7 @@ from hybridnas.runners.latency_table import (
     unit_latencies,
     unit_prior,
 )
+from hybridnas.runners.machine import machine_line
 from hybridnas.search_space.errors import SpecError
 
 LOAD_BOUND_S = 1800  # the busy processes end by themselves after this, should the benchmark not end them
@@ -264,12 +264,12 @@ def main(args: argparse.Namespace) -> int:
     lat = exp.latency
     ctx = LatencyContext.from_config(lat)
     clocks = ["wall", "cpu"] if ctx.device.type == "cpu" and ctx.threads == 1 else ["wall"]
+    print(machine_line())
     print(
         f"latency table vs end-to-end: {exp.name}, {samples} test architectures, {lat.device}, "
         f"batch {lat.batch_size}, {lat.threads} thread(s), medians of {runs} runs; table calibrated on "
-        f"other architectures of the space; default clock here: {ctx.clock}"
+        f"other architectures of the space; default clock here: {ctx.clock}; {_load()}"
     )
-    print(f"machine: {cpu_model()}, {_load()}")
     quiet: dict[str, list[dict[str, Any]]] = {}
     for clock in clocks:
         t0 = time.perf_counter()

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.bench import quickstart_path
+from hybridnas.runners.machine import machine_line
 
 CONCURRENCY = 2
 LONGER = 3  # the second default search: this many times the quickstart's trials
@@ -159,6 +160,7 @@ def main(args: argparse.Namespace) -> int:
     exp = apply_overrides(exp, epochs=epochs)  # validates --epochs before anything runs
     for n in sizes:
         apply_overrides(exp, trials=n)
+    print(machine_line(), flush=True)
     results = []
     for i, n in enumerate(sizes):
         if i:
