@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .config import DataConfig, TrainConfig
+from .config import MAX_CONCURRENCY, MAX_SEED, DataConfig, TrainConfig, check_range
 from .errors import SpecError, did_you_mean
 from .experiment import (
     LatencyConfig,
@@ -34,7 +34,7 @@ from .experiment import (
     parse_resources,
     parse_tracking,
 )
-from .spec import ArchSpec
+from .spec import ArchSpec, load_yaml, read_text
 
 MODES = ("one_at_a_time", "grid")
 KEYS = (
@@ -99,17 +99,12 @@ class AblationStudy:
     def from_yaml(cls, path_or_text: str | Path, seeds: list[int] | None = None) -> AblationStudy:
         path = Path(path_or_text) if _looks_like_path(path_or_text) else None
         if path is not None:
-            if not path.is_file():
+            if not path.exists():
                 raise SpecError("", f"ablation file {str(path)!r} does not exist")
-            text = path.read_text()
+            text, _ = read_text(path)  # a directory, binary or unreadable file: one SpecError naming it
         else:
             text = str(path_or_text)
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise SpecError("", f"malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+        raw = load_yaml(text, str(path) if path else None)
         study = cls.from_dict(raw, base_dir=path.parent if path else Path.cwd(), seeds=seeds)
         return _with(study, source_text=text)
 
@@ -141,6 +136,8 @@ class AblationStudy:
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds_raw)
         ):
             raise SpecError("seeds", f"expected a non-empty list of integers, got {seeds_raw!r}")
+        for i, seed in enumerate(seeds_raw):
+            check_range(seed, f"seeds[{i}]", 0, MAX_SEED)
         if len(set(seeds_raw)) != len(seeds_raw):
             raise SpecError("seeds", f"seeds must be distinct, got {seeds_raw!r}")
         if len(seeds_raw) < 2:
@@ -151,8 +148,9 @@ class AblationStudy:
             )
         vary = _parse_vary(raw["vary"])
         concurrency = raw.get("concurrency", 2)
-        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool):
             raise SpecError("concurrency", f"expected a positive integer, got {concurrency!r}")
+        check_range(concurrency, "concurrency", 1, MAX_CONCURRENCY)
         confidence = raw.get("confidence", 0.95)
         if not isinstance(confidence, (int, float)) or not 0.5 <= float(confidence) < 1.0:
             raise SpecError("confidence", f"expected a number in [0.5, 1), got {confidence!r}")
