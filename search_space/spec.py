@@ -278,8 +278,17 @@ def load_yaml(text: str, source: str | None = None) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = e.problem or e.context or "syntax error"
         raise SpecError(source or "yaml", f"invalid YAML{where}: {problem}") from None
+    except yaml.reader.ReaderError as e:  # a control character (binary junk): say where, on one line
+        char = e.character if isinstance(e.character, str) else chr(e.character)
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise SpecError(
+            source or "yaml",
+            f"invalid YAML at line {line}, column {column}: character {char!r} is not allowed "
+            "(a binary file?)",
+        ) from None
     except yaml.YAMLError as e:
-        raise SpecError(source or "yaml", f"invalid YAML: {e}") from None
+        raise SpecError(source or "yaml", f"invalid YAML: {' '.join(str(e).split())}") from None
 
 
 def load_mapping(text_or_path: str | os.PathLike, what: str) -> tuple[dict, str, str | None]:
