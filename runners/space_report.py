@@ -13,7 +13,9 @@ import warnings
 from typing import Any
 
 from hybridnas.search_space import ArchSpec, Experiment
-from hybridnas.search_space.errors import SpecError
+from hybridnas.search_space.config import MAX_SEED, check_range
+
+MAX_SPACE_SAMPLES = 1_000
 
 
 def human(n: float | None) -> str:
@@ -136,8 +138,9 @@ def _feasibility(exp: Experiment, prof: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.samples < 0:
-        raise SpecError("--samples", f"must be >= 0, got {args.samples}")
+    # Each sample is built and profiled (0.1-1 s on a small CPU): a bound keeps a typo from running for hours.
+    check_range(args.samples, "--samples", 0, MAX_SPACE_SAMPLES)
+    check_range(args.seed, "--seed", 0, MAX_SEED)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         exp = Experiment.from_yaml(args.experiment)
