@@ -15,6 +15,15 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _API: dict[str, str] = {
+    "search": "hybridnas.runners.api",
+    "ablate": "hybridnas.runners.api",
+    "train": "hybridnas.runners.api",
+    "profile": "hybridnas.runners.api",
+    "SearchResult": "hybridnas.runners.search",
+    "AblationResult": "hybridnas.runners.ablation",
+    "TrainRun": "hybridnas.runners.train",
+    "TrainResult": "hybridnas.runners.train",
+    "AblationStudy": "hybridnas.search_space",
     "ArchSpec": "hybridnas.search_space",
     "SearchSpace": "hybridnas.search_space",
     "Experiment": "hybridnas.search_space",
@@ -26,20 +35,41 @@ _API: dict[str, str] = {
 }
 
 __all__ = [
+    "AblationResult",
+    "AblationStudy",
     "ArchSpec",
     "Dataset",
     "Experiment",
+    "SearchResult",
     "SearchSpace",
     "SpecError",
+    "TrainResult",
+    "TrainRun",
     "UserError",
     "__version__",
+    "ablate",
     "build_model",
     "load_dataset",
+    "profile",
+    "search",
+    "train",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from hybridnas.runners.ablation import AblationResult
+    from hybridnas.runners.api import ablate, profile, search, train
     from hybridnas.runners.data import Dataset, load_dataset
-    from hybridnas.search_space import ArchSpec, Experiment, SearchSpace, SpecError, UserError, build_model
+    from hybridnas.runners.search import SearchResult
+    from hybridnas.runners.train import TrainResult, TrainRun
+    from hybridnas.search_space import (
+        AblationStudy,
+        ArchSpec,
+        Experiment,
+        SearchSpace,
+        SpecError,
+        UserError,
+        build_model,
+    )
 
 
 def __getattr__(name: str) -> Any:

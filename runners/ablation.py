@@ -10,17 +10,18 @@ that have no finished run yet.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import json
 import os
-import sys
 import time
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hybridnas.runners.files import shown
+from hybridnas.runners.resume import check_state, fingerprint, parent_guard, write_state
+from hybridnas.runners.trial import TrialConfig
 from hybridnas.search_space.errors import SpecError, UserError
 
 STATE_FILE = "ablation_state.json"
@@ -43,11 +44,12 @@ class AblationResult:
     skipped: int
     counts: dict[str, int]
     ui_command: str
+    interrupted: bool = False
 
 
 def ablation_trial(config: dict) -> None:
     """The Tune trainable: the search's trainable on one (variant, seed) config."""
-    from hybridnas.runners.search import hybridnas_trial
+    from hybridnas.runners.trial import hybridnas_trial
 
     hybridnas_trial(config["trial"])
 
@@ -99,7 +101,7 @@ def _shape(i: Any) -> str:
 
 def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
     """Finished child runs of the study by (variant, seed) key; unfinished ones are deleted."""
-    from hybridnas.runners.tracking import FINISHED, child_runs
+    from hybridnas.runners.store import FINISHED, child_runs
 
     done = {}
     for run in child_runs(client, exp_id, parent):
@@ -113,7 +115,7 @@ def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
 
 
 def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> str:
-    from hybridnas.runners.tracking import log_params
+    from hybridnas.runners.store import log_params
 
     run = client.create_run(
         exp_id,
@@ -146,7 +148,7 @@ def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> 
 
 
 def _results_from_mlflow(client: Any, exp_id: str, parent: str) -> tuple[list[dict], dict[str, int]]:
-    from hybridnas.runners.tracking import child_runs
+    from hybridnas.runners.store import child_runs
 
     results, counts = [], {"ok": 0, "failed": 0}
     for run in child_runs(client, exp_id, parent):
@@ -168,6 +170,19 @@ def _results_from_mlflow(client: Any, exp_id: str, parent: str) -> tuple[list[di
     return results, counts
 
 
+def study_fingerprint(study: Any) -> dict:
+    """What an ablation's results depend on (not its seeds: ``--seeds ... --resume`` adds some)."""
+    return {
+        "base": study.base.to_dict(),
+        "vary": [[p, list(map(str, vals))] for p, vals in study.vary],
+        "mode": study.mode,
+        "data": dataclasses.asdict(study.data),
+        "train": study.train.to_dict(),
+        "confidence": study.confidence,
+        "faults": os.environ.get("HYBRIDNAS_FAULTS", ""),
+    }
+
+
 def run_ablation(
     study: Any,
     *,
@@ -175,29 +190,18 @@ def run_ablation(
     address: str | None = None,
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    stream: Any = None,
+    progress: Callable[[str], None] | None = None,
 ) -> AblationResult:
     """Train every (variant, seed) of ``study`` not finished yet, then write and log the table."""
-    from hybridnas.runners import ablation_table as at
-    from hybridnas.runners import tracking as tr
-    from hybridnas.runners.search import init_ray
+    from hybridnas.runners import store as tr
 
-    stream = stream or sys.stdout
-    say = (lambda line: print(line, file=stream, flush=True)) if progress else (lambda line: None)
+    say = progress if callable(progress) else (lambda line: None)
     out = Path(out_dir or study.out_dir).expanduser().resolve()
-    state_path = out / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
-    if state and not resume:
-        raise AblationError(
-            f"{out} already holds this study (MLflow run {state['parent_run_id']}); continue it with --resume, "
-            "or start a fresh one with --out DIR"
-        )
-    if resume and not state:
-        raise AblationError(f"nothing to resume in {out} (no {STATE_FILE}); run without --resume")
+    fp = fingerprint(study_fingerprint(study))
+    state = check_state(out, fp, resume, "ablation", STATE_FILE)
 
     # Everything that can be wrong with the file is found before MLflow or Ray start.
-    from hybridnas.runners.search import input_for
+    from hybridnas.runners.data import input_for
 
     input_spec = input_for(study.data)
     measures = measure_variants(study, input_spec)
@@ -212,21 +216,34 @@ def run_ablation(
     else:
         out.mkdir(parents=True, exist_ok=True)
         parent = _start_parent(client, exp_id, study, out, uri)
-        from hybridnas.runners.export import atomic_write
+        state = {
+            "parent_run_id": parent,
+            "tracking_uri": uri,
+            "experiment_id": exp_id,
+            "fingerprint": fp,
+            "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        }
+        write_state(out, state, STATE_FILE)
+    with parent_guard(client, parent):
+        return _run_study(study, client, uri, exp_id, parent, out, measures, address, progress, say)
 
-        atomic_write(
-            state_path,
-            json.dumps(
-                {
-                    "parent_run_id": parent,
-                    "tracking_uri": uri,
-                    "experiment_id": exp_id,
-                    "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-                },
-                indent=2,
-            )
-            + "\n",
-        )
+
+def _run_study(
+    study: Any,
+    client: Any,
+    uri: str,
+    exp_id: str,
+    parent: str,
+    out: Path,
+    measures: dict,
+    address: str | None,
+    progress: Callable[[str], None] | None,
+    say: Callable[[str], None],
+) -> AblationResult:
+    from hybridnas.runners import ablation_table as at
+    from hybridnas.runners import store as tr
+    from hybridnas.runners import tracking
+    from hybridnas.runners.ray_runtime import init_ray
 
     done = _finished_runs(client, exp_id, parent)
     todo = [(v, s) for v, s in study.trials() if _trial_key(v.name, s) not in done]
@@ -241,22 +258,18 @@ def run_ablation(
         configs = []
         for v, seed in todo:
             configs.append(
-                {
-                    "arch": v.spec.to_dict(),
-                    "train": v.train.replace(seed=seed).to_dict(),
-                    "data": dataclasses.asdict(study.data),
-                    "predicted": measures[v.name],
-                    "feasible": True,
-                    "violations": "",
-                    "trial_number": f"{v.name}/seed{seed}" if v.name != "base" else f"base/seed{seed}",
-                    "arch_hash": v.spec.arch_hash(),
-                    "run_key": _trial_key(v.name, seed),
-                    "tags": {"variant": v.name, "factor": v.factor, "value": v.value, "seed": str(seed)},
-                    "cpus": study.resources.cpu,
-                    "faults": os.environ.get("HYBRIDNAS_FAULTS", ""),
-                    "replay": None,
-                    "optuna_params": {},
-                }
+                TrialConfig(
+                    arch=v.spec.to_dict(),
+                    arch_hash=v.spec.arch_hash(),
+                    trial_number=f"{v.name}/seed{seed}",
+                    data=dataclasses.asdict(study.data),
+                    train=v.train.replace(seed=seed).to_dict(),
+                    predicted=measures[v.name],
+                    cpus=study.resources.cpu,
+                    faults=os.environ.get("HYBRIDNAS_FAULTS", ""),
+                    run_key=_trial_key(v.name, seed),
+                    tags={"variant": v.name, "factor": v.factor, "value": v.value, "seed": str(seed)},
+                ).to_dict()
             )
         import torch
 
@@ -264,17 +277,16 @@ def run_ablation(
         init_ray(address, workers=study.concurrency)
         from ray import tune
 
-        from hybridnas.runners.search import _trial_actors_on_prestarted_workers
+        from hybridnas.runners.ray_runtime import trial_actors_on_prestarted_workers
 
-        callback = tr.MlflowSearchCallback(
+        callback = tracking.MlflowSearchCallback(
             uri,
             exp_id,
             parent,
             [("val_acc", "max")],
             {},
             total_trials=total,
-            progress=progress,
-            stream=stream,
+            say=progress if callable(progress) else None,
         )
         tuner = tune.Tuner(
             tune.with_resources(ablation_trial, {"cpu": study.resources.cpu, "gpu": study.resources.gpu}),
@@ -293,10 +305,30 @@ def run_ablation(
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
-        with _trial_actors_on_prestarted_workers():
+        with trial_actors_on_prestarted_workers():
             tuner.fit()
 
     results, counts = _results_from_mlflow(client, exp_id, parent)
+    if sum(counts.values()) < total:
+        # Tune stopped early (Ctrl-C): no table that looks complete, and never a plain success.
+        client.set_terminated(parent, "KILLED")
+        say(
+            f"interrupted: {sum(counts.values())}/{total} trials finished; no table written; continue with: "
+            f"hybridnas ablate {study.path or '<file>'} --resume"
+        )
+        return AblationResult(
+            name=study.name,
+            parent_run_id=parent,
+            tracking_uri=uri,
+            out_dir=out,
+            rows=[],
+            files=[],
+            trained=len(todo),
+            skipped=len(done),
+            counts=counts,
+            ui_command=tr.ui_command(uri),
+            interrupted=True,
+        )
     if not any(r["variant"] == "base" for r in results):
         client.set_terminated(parent, "FAILED")
         raise AblationError(
@@ -318,7 +350,7 @@ def run_ablation(
         f"{counts['ok']} ok, {counts['failed']} failed; '*' = the {round(100 * study.confidence)}% CI of the "
         "difference to the base excludes zero (Welch's t-test)"
     )
-    say("wrote " + ", ".join(str(_rel(f)) for f in files))
+    say("wrote " + ", ".join(shown(f) for f in files))
     say(f"browse: {tr.ui_command(uri)}")
     return AblationResult(
         name=study.name,
@@ -341,7 +373,7 @@ def _metric_key(s: str) -> str:
 
 def write_outputs(rows: list, out: Path, study: Any) -> list[Path]:
     from hybridnas.runners import ablation_table as at
-    from hybridnas.runners.export import atomic_write
+    from hybridnas.runners.files import atomic_write
 
     title = f"{study.name}: {', '.join(p for p, _ in study.vary)} ({study.mode}, {len(study.seeds)} seeds)"
     out.mkdir(parents=True, exist_ok=True)
@@ -355,42 +387,3 @@ def write_outputs(rows: list, out: Path, study: Any) -> list[Path]:
     at.plot(rows, tmp, title=title, confidence=study.confidence)
     tmp.replace(png)
     return [md, csv_, tex, png]
-
-
-def _rel(p: Path) -> Path:
-    try:
-        return p.relative_to(Path.cwd())
-    except ValueError:
-        return p
-
-
-def main(args: argparse.Namespace) -> int:
-    from hybridnas.search_space.ablation import AblationStudy
-
-    seeds = None
-    if args.seeds:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise SpecError(
-                "--seeds", f"expected comma-separated integers like 0,1,2, got {args.seeds!r}"
-            ) from None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        study = AblationStudy.from_yaml(args.ablation, seeds=seeds)
-    for w in caught:
-        print(f"hybridnas: warning: {w.message}", file=sys.stderr)
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise SpecError("--epochs", f"must be >= 1, got {args.epochs}")
-        study = dataclasses.replace(
-            study,
-            train=study.train.replace(epochs=args.epochs),
-            variants=tuple(
-                dataclasses.replace(v, train=v.train.replace(epochs=args.epochs)) for v in study.variants
-            ),
-        )
-    run_ablation(
-        study, tracking_uri=args.tracking_uri, address=args.address, resume=args.resume, out_dir=args.out
-    )
-    return 0

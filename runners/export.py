@@ -13,23 +13,23 @@ Selections: ``best_acc``; ``knee`` (the knee of the Pareto front, see `runners.p
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import json
 import math
 import os
 import re
-import sys
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
 from hybridnas import __version__
+from hybridnas.runners import store
+from hybridnas.runners.files import atomic_write
 from hybridnas.runners.pareto import (
     DEFAULT_OBJECTIVES,
     METRIC_COLUMNS,
@@ -41,7 +41,6 @@ from hybridnas.runners.pareto import (
 )
 from hybridnas.search_space.errors import UserError, did_you_mean
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 COLUMNS = ("run_id", "trial", "status", *METRIC_COLUMNS, "arch", "arch_hash", "parent_run_id")
 COUNT_METRICS = ("macs", "flops", "params")  # logged as floats by MLflow; exact integers below 2**53
 EXPORTED_METRICS = ("val_acc", "macs", "flops", "params", "latency_ms", "latency_ms_measured")
@@ -55,90 +54,6 @@ _BUDGET = re.compile(
 
 class ExportError(UserError):
     """Nothing to export: no such experiment, no finished trials, nothing under a budget."""
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename, so a
-    reader (or a crash) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def redact_uri(uri: str) -> str:
-    """The tracking URI without a password (``http://user:***@host``), safe to write into files."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
-def _client(tracking_uri: str | None):
-    """An MlflowClient for a store that exists: never creates an empty database by accident."""
-    # One progress bar per downloaded arch.yaml would flood the terminal.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
-
-    uri = tracking_uri or DEFAULT_TRACKING_URI
-    scheme = urlsplit(uri).scheme
-    if scheme == "sqlite":
-        db = uri.split(":///", 1)[1] if ":///" in uri else ""
-        if db and db != ":memory:":
-            if not Path(db).exists():
-                hint = " (the default; pass --tracking-uri)" if tracking_uri is None else ""
-                raise ExportError(f"no MLflow database at {Path(db).resolve()}{hint}")
-            # Absolute, so that provenance names the store and not "mlflow.db wherever you were".
-            uri = "sqlite:///" + str(Path(db).resolve())
-    elif scheme in ("", "file"):
-        root = urlsplit(uri).path if scheme == "file" else uri
-        if not Path(root).exists():
-            raise ExportError(f"no MLflow store at {root}")
-    elif scheme in ("http", "https"):
-        _check_reachable(uri)
-    return MlflowClient(tracking_uri=uri), uri
-
-
-def _check_reachable(uri: str, timeout: float = 5.0) -> None:
-    # MLflow's own client retries for minutes on a dead server; one quick probe says it at once.
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return  # something answered: a proxy or an old server without /health
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ExportError(f"cannot reach the MLflow tracking server at {redact_uri(uri)}: {reason}") from None
-
-
-def _search_all(client, experiment_id: str, filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id], filter_string=filter_string, max_results=1000, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 MACHINE_TRAIN_KEYS = ("device", "threads")  # describe the machine a search ran on, not its recipe
@@ -159,7 +74,7 @@ def search_recipe(client: Any, run_id: str) -> dict | None:
 
 
 def _warn(msg: str) -> None:
-    print(f"hybridnas: warning: {msg}", file=sys.stderr)
+    warnings.warn(msg, UserWarning, stacklevel=3)  # the CLI prints it as "hybridnas: warning: ..."
 
 
 def load_runs(
@@ -180,14 +95,17 @@ def load_runs(
 
     from hybridnas.search_space.spec import ArchSpec
 
-    client, uri = _client(tracking_uri)
+    try:
+        client, uri = store.open_existing(tracking_uri)
+    except store.TrackingError as e:
+        raise ExportError(str(e)) from None
     try:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             names = sorted((e.name for e in client.search_experiments()), key=str.lower)
             listing = ", ".join(names) if names else "none"
             raise ExportError(
-                f"no MLflow experiment {experiment!r} at {redact_uri(uri)}{did_you_mean(experiment, names)};"
+                f"no MLflow experiment {experiment!r} at {store.redact(uri)}{did_you_mean(experiment, names)};"
                 f" experiments there: {listing}"
             )
         if parent_run_id:
@@ -207,13 +125,13 @@ def load_runs(
                 )
             parent = found[0]
         pid = parent.info.run_id
-        children = _search_all(
+        children = store.search_all(
             client,
-            exp.experiment_id,
+            [exp.experiment_id],
             f"tags.`mlflow.parentRunId` = '{pid}' AND tags.`hybridnas.kind` = 'trial'",
         )
     except MlflowException as e:
-        raise ExportError(f"MLflow at {redact_uri(uri)}: {e.message}") from None
+        raise ExportError(f"MLflow at {store.redact(uri)}: {e.message}") from None
 
     statuses: dict[str, int] = {}
     latest: dict[str, Any] = {}
@@ -396,7 +314,7 @@ def export_arch(
         "run_id": _get(row, "run_id"),
         "parent_run_id": _get(row, "parent_run_id"),
         "trial": None if _get(row, "trial") is None else str(_get(row, "trial")),
-        "tracking_uri": redact_uri(tracking_uri) if tracking_uri else None,
+        "tracking_uri": store.redact(tracking_uri) if tracking_uri else None,
         "hybridnas_version": __version__,
         "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "selection": selection,
@@ -415,47 +333,25 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("<=", "_le_")).strip("_")
 
 
-def _describe(row: Mapping[str, Any]) -> str:
-    from hybridnas.runners.pareto import arch_summary
-
-    parts = [
-        f"{k} {human(row.get(k), k)}"
-        for k in ("val_acc", "macs", "params", "latency_ms")
-        if _finite(row.get(k))
-    ]
-    return f"trial {row.get('trial')}: " + ", ".join(parts) + f"  [{arch_summary(row.get('arch'))}]"
-
-
-def main(args: argparse.Namespace) -> int:
-    """`hybridnas export --experiment NAME [--tracking-uri URI] [--select ...] [--out PATH]`."""
-    # Check the selection before touching the tracking store: a typo fails fast.
-    how = check_selection(getattr(args, "select", None) or "best_acc")
-    df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
+def export_selection(
+    df: pd.DataFrame, experiment: str, how: str, out: str | os.PathLike | None = None
+) -> list[tuple[Path, dict]]:
+    """Write the architectures ``how`` selects from a search's runs (`load_runs`): one file, or a
+    folder of files for ``pareto``. Returns ``[(path, row)]``."""
     rows = select(df, how)
     uri, recipe = df.attrs.get("tracking_uri"), df.attrs.get("recipe")
-    out = getattr(args, "out", None)
     written = []
     if how == "pareto":
-        folder = Path(out or f"{args.experiment}_front")
+        folder = Path(out or f"{experiment}_front")
         for r in rows.to_dict("records"):
-            path = folder / f"{slug(args.experiment)}_trial{slug(str(r['trial']))}.yaml"
+            path = folder / f"{slug(experiment)}_trial{slug(str(r['trial']))}.yaml"
             written.append(
-                (export_arch(r, args.experiment, path, selection=how, tracking_uri=uri, recipe=recipe), r)
+                (export_arch(r, experiment, path, selection=how, tracking_uri=uri, recipe=recipe), r)
             )
     else:
-        path = Path(out) if out else Path(f"{slug(args.experiment)}_{slug(how)}.yaml")
+        path = Path(out) if out else Path(f"{slug(experiment)}_{slug(how)}.yaml")
         if path.is_dir():
-            path = path / f"{slug(args.experiment)}_{slug(how)}.yaml"
+            path = path / f"{slug(experiment)}_{slug(how)}.yaml"
         r = rows.iloc[0].to_dict()
-        written.append(
-            (export_arch(r, args.experiment, path, selection=how, tracking_uri=uri, recipe=recipe), r)
-        )
-    print(
-        f"experiment {args.experiment} (search run {df.attrs['parent_run_id']}): {len(df)} finished trials, "
-        f"selection {how}"
-    )
-    for path, r in written:
-        print(f"wrote {path}  {_describe(r)}")
-    if len(written) == 1:
-        print(f"train it: hybridnas train {written[0][0]}")
-    return 0
+        written.append((export_arch(r, experiment, path, selection=how, tracking_uri=uri, recipe=recipe), r))
+    return written

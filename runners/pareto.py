@@ -18,7 +18,6 @@ that failed to report latency must not win by default.
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import math
@@ -522,7 +521,7 @@ def write_fronts(
     plots (a search draws the plots while its Ray shuts down, and writes the CSV once the front's
     latency is measured: the plots do not show it).
     """
-    from hybridnas.runners.export import atomic_write
+    from hybridnas.runners.files import atomic_write
 
     objs = objective_pairs(objectives)
     out = Path(out_dir)
@@ -542,22 +541,3 @@ def write_fronts(
         paths.append(atomic_write(out / f"{name}.png", _png(t, y, x, front2, caption)))
         paths.append(atomic_write(out / f"{name}.html", _html(t, y, x, front2, caption, metrics)))
     return paths
-
-
-def main(args: argparse.Namespace) -> int:
-    """`hybridnas pareto --experiment NAME [--tracking-uri URI] [--out DIR]`."""
-    from hybridnas.runners.export import load_runs, slug
-
-    df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
-    objectives = df.attrs.get("objectives") or list(DEFAULT_OBJECTIVES)
-    out = Path(getattr(args, "out", None) or f"{slug(args.experiment)}_pareto")
-    paths = write_fronts(df, objectives, out, title=args.experiment)
-    objs = objective_pairs(objectives)
-    n_front = int(feasible_table(df, objs)["pareto"].sum())
-    goals = ", ".join(f"{m} ({mode})" for m, mode in objs)
-    print(f"experiment {args.experiment}: {len(df)} finished trials, {n_front} on the front of {goals}")
-    print(front_table(df, objs))
-    print("wrote:")
-    for p in paths:
-        print(f"  {p}")
-    return 0

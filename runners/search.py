@@ -28,182 +28,54 @@ a worker or node that died.
 Resume (``--resume``): `Tuner.restore` keeps finished trials and the searcher's (Optuna's) state;
 the parent run id comes from ``state.json``. Ray snapshots its state every couple of seconds, so
 a driver killed right after a trial finished may come back with that trial marked as running, or
-not knowing it at all: its result is then replayed from MLflow (`_Replays`; lost trials are asked
+not knowing it at all: its result is then replayed from MLflow (`Replays`; lost trials are asked
 of Optuna again by their parameters) instead of being trained again, and the count stays right.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import json
-import logging
 import math
 import os
-import socket
-import sys
 import time
-import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hybridnas.search_space.errors import SpecError, UserError
+from hybridnas.runners.data import input_for
+from hybridnas.runners.ray_runtime import init_ray, trial_actors_on_prestarted_workers
+from hybridnas.runners.resume import (
+    Replays,
+    SearchError,
+    check_state,
+    fingerprint,
+    parent_guard,
+    replays_from_mlflow,
+    resolved_for_fingerprint,
+    write_state,
+)
+from hybridnas.runners.searcher import ArchSearcher, ArchSuggester, make_sampler
+from hybridnas.runners.trial import (
+    FAULTS_ENV,
+    STATUS_FAILED,
+    STATUS_INFEASIBLE,
+    STATUS_OK,
+    hybridnas_trial,
+    recipe,
+)
+from hybridnas.search_space.errors import SpecError
 
-STATE_FILE = "state.json"
 TUNE_DIR = "tune"
-# Test hook, read by the driver: "3:raise,5:diverge,6:crash" (Optuna trial numbers). raise: the
-# trainable raises; diverge: it trains with an infinite learning rate; crash: its process exits.
-FAULTS_ENV = "HYBRIDNAS_FAULTS"
-MAX_RESAMPLE = 50  # duplicate proposals skipped before a duplicate is accepted (tiny spaces)
 CALIBRATION_SAMPLES = 2000  # architectures drawn to cover the latency table of a space too big to enumerate
-STATUS_OK, STATUS_FAILED, STATUS_INFEASIBLE = "ok", "failed", "infeasible"
-
-
-class SearchError(UserError):
-    """A search that cannot start or continue as asked (existing output, nothing to resume, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # The trainable (runs in a Ray worker, possibly on another node)
-
-_DATA_CACHE: dict[str, Any] = {}  # per worker process; reuse_actors keeps the process across trials
-
-
-def _dataset(data_cfg: Mapping[str, Any]) -> Any:
-    key = json.dumps(dict(data_cfg), sort_keys=True, default=str)
-    if key not in _DATA_CACHE:
-        from hybridnas.runners.data import load_dataset
-        from hybridnas.search_space.config import DataConfig
-
-        _DATA_CACHE.clear()  # one dataset per search; do not hold two in memory
-        _DATA_CACHE[key] = load_dataset(DataConfig.from_dict(dict(data_cfg)))
-    return _DATA_CACHE[key]
-
-
-def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - outside Ray (a direct call in a test)
-        return ""
-
-
-def _fault(config: Mapping[str, Any]) -> str | None:
-    """The fault injected into this trial by ``HYBRIDNAS_FAULTS`` (tests only)."""
-    for item in str(config.get("faults") or "").split(","):
-        number, _, kind = item.partition(":")
-        if number.strip() and number.strip() == str(config.get("trial_number")):
-            return kind.strip()
-    return None
-
-
-def _replayed(config: Mapping[str, Any]) -> dict | None:
-    """The result this architecture already has in MLflow, when a resumed search runs it again
-    (see `_Replays`); None otherwise."""
-    name = config.get("replay")
-    if not name:
-        return None
-    import ray
-
-    try:
-        actor = ray.get_actor(name)
-    except ValueError:
-        return None  # no resume in progress: the usual case
-    return ray.get(actor.get.remote(config.get("arch_hash")))
-
-
-def hybridnas_trial(config: dict) -> None:
-    """One trial: train ``config["arch"]`` and report per epoch, then the final metrics.
-
-    Reports (``tune.report``) ``status: running`` once per epoch (epoch, train_loss, val_acc,
-    imgs_per_s, epoch_time_s), then one final result with ``status`` ok | failed | infeasible,
-    the driver-computed macs/flops/params/latency_ms, train_time_s and imgs_per_s. Never raises for
-    a bad architecture or a diverging run: the error goes into the result.
-    """
-    from ray import tune
-
-    started = time.time()
-    # Whether this process had the trial's imports done before it got the trial (Ray's preloaded
-    # workers, or an earlier trial on the same actor): a cold one pays ~4 s of imports in the trial.
-    warm = all(m in sys.modules for m in WORKER_PRELOAD)
-    replay = _replayed(config)
-    if replay is not None:
-        tune.report({**replay, "replayed": True})
-        return
-    base = {
-        **config["predicted"],
-        "trial_number": config.get("trial_number"),
-        "arch_hash": config.get("arch_hash"),
-        "started_at": started,
-        "node_id": _node_id(),
-        "hostname": socket.gethostname(),
-        "pid": os.getpid(),
-        "warm_start": warm,
-    }
-    if not config["feasible"]:
-        tune.report(
-            {**base, "status": STATUS_INFEASIBLE, "violations": config["violations"], "train_time_s": 0.0}
-        )
-        return
-    epoch, t_train = 0, None
-    try:
-        from hybridnas.runners.train import train_model
-        from hybridnas.search_space.config import TrainConfig
-        from hybridnas.search_space.spec import ArchSpec
-
-        if config.get("build_error"):
-            raise RuntimeError(
-                f"the driver could not build or measure this architecture: {config['build_error']}"
-            )
-        fault = _fault(config)
-        if fault == "crash":
-            os._exit(3)  # the worker process dies (as if killed by the OOM killer): Ray retries the trial
-        if fault == "raise":
-            raise RuntimeError(f"fault injected by {FAULTS_ENV} into trial {config.get('trial_number')}")
-        spec = ArchSpec.from_dict(config["arch"], warn=False)
-        cfg = TrainConfig.from_dict(config["train"])
-        if fault == "diverge":
-            cfg = cfg.replace(lr=float("inf"))  # an infinite step size: the loss turns NaN at once
-        data = _dataset(config["data"])
-        threads = cfg.threads or max(1, int(config.get("cpus") or 1))
-
-        def on_epoch(m: dict) -> None:
-            nonlocal epoch
-            epoch = int(m["epoch"])
-            tune.report({**base, **m, "status": "running"})
-
-        t_train = time.perf_counter()
-        res = train_model(spec, data, cfg, callback=on_epoch, threads=threads)
-    except Exception as e:  # noqa: BLE001 - recorded as a failed trial; SystemExit (Tune's stop) passes
-        tune.report(
-            {
-                **base,
-                "status": STATUS_FAILED,
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(limit=20),
-                "epoch": getattr(e, "epoch", epoch),  # TrainingDiverged says in which epoch
-                "train_time_s": 0.0 if t_train is None else time.perf_counter() - t_train,
-            }
-        )
-        return
-    tune.report(
-        {
-            **base,
-            "status": STATUS_OK,
-            "epoch": res.epochs,
-            "val_acc": res.val_acc,
-            "train_loss": res.train_loss,
-            "train_time_s": res.train_time_s,
-            "imgs_per_s": res.imgs_per_s,
-            "precision": res.precision,
-        }
-    )
 
 
 def _trial_name(trial: Any) -> str:
@@ -212,304 +84,6 @@ def _trial_name(trial: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The searcher (driver)
-
-
-def _violations(measures: Mapping[str, float], constraints: Mapping[str, Any]) -> dict[str, float]:
-    """Optuna constraint values, one per bound: relative excess, <= 0 when satisfied.
-
-    Relative, so that a MACs excess and a latency excess weigh alike in Optuna's total violation.
-    """
-    out = {}
-    for metric, b in constraints.items():
-        v = float(measures[metric])
-        if b.get("max") is not None:
-            out[f"{metric}_max"] = (v - b["max"]) / max(abs(b["max"]), 1e-12)
-        if b.get("min") is not None:
-            out[f"{metric}_min"] = (b["min"] - v) / max(abs(b["min"]), 1e-12)
-    return out
-
-
-def _describe_violations(measures: Mapping[str, float], constraints: Mapping[str, Any]) -> str:
-    from hybridnas.runners.pareto import human
-
-    parts = []
-    for metric, b in constraints.items():
-        v = float(measures[metric])
-        if b.get("max") is not None and v > b["max"]:
-            parts.append(f"{metric} {human(v, metric)} > max {human(b['max'], metric)}")
-        if b.get("min") is not None and v < b["min"]:
-            parts.append(f"{metric} {human(v, metric)} < min {human(b['min'], metric)}")
-    return "; ".join(parts)
-
-
-class ArchSuggester:
-    """The define-by-run function given to `OptunaSearch`: one architecture per Optuna trial.
-
-    Returns the constants Tune puts into the trial's config: the architecture, its MACs/flops/params
-    and predicted latency, whether it meets the constraints. Pickled with the searcher state (every
-    couple of seconds), so it holds plain data only; the space and the latency table are rebuilt
-    lazily after unpickling.
-    """
-
-    def __init__(
-        self,
-        space: dict,
-        input: dict,
-        constraints: Mapping[str, Mapping[str, float]],
-        latency: Mapping[str, Any],
-        table_path: str | None,
-        grid: bool = False,
-    ) -> None:
-        self.space_dict = space
-        self.input_dict = input
-        self.constraints = {k: dict(v) for k, v in constraints.items()}
-        self.latency = dict(latency)
-        self.table_path = table_path
-        self.grid = grid
-        self.seen: dict[str, int] = {}  # arch hash -> first Optuna trial number that proposed it
-        self.allow_duplicates = False
-        self._space = self._table = self._input = None
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_space", "_table", "_input")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._space = self._table = self._input = None
-
-    def _lazy(self) -> None:
-        if self._space is None:
-            from hybridnas.runners.measure import LatencyTable
-            from hybridnas.search_space.space import SearchSpace
-            from hybridnas.search_space.spec import InputSpec
-
-            self._input = InputSpec.from_dict(self.input_dict)
-            self._space = SearchSpace.from_dict(self.space_dict, input=self._input)
-            self._table = LatencyTable(self.table_path)
-
-    def measures(self, spec: Any) -> dict[str, float]:
-        """MACs, flops, params (exact counts) and the predicted latency of ``spec``."""
-        from hybridnas.runners.measure import predict_latency, profile_spec
-
-        self._lazy()
-        prof = profile_spec(spec)
-        lat = predict_latency(
-            spec,
-            self._table,
-            device=self.latency["device"],
-            batch_size=self.latency["batch_size"],
-            threads=self.latency["threads"],
-        )
-        return {
-            "macs": int(prof["macs"]),
-            "flops": int(prof["flops"]),
-            "params": int(prof["params"]),
-            "latency_ms": lat,
-        }
-
-    def __call__(self, trial: Any) -> dict:
-        self._lazy()
-        spec = self._space.suggest(trial, input=self._input, grid=self.grid)
-        h = spec.arch_hash()
-        if h in self.seen and not self.allow_duplicates:
-            return {"duplicate_of": self.seen[h], "arch_hash": h}
-        self.seen.setdefault(h, trial.number)
-        base = {
-            "arch": spec.to_dict(),
-            "arch_hash": h,
-            "trial_number": trial.number,
-            # What Optuna sampled (before any repair): a resumed search can ask for it again.
-            "optuna_params": dict(trial.params),
-        }
-        try:
-            m = self.measures(spec)
-        except Exception as e:  # noqa: BLE001 - a block that cannot build this architecture
-            # The trial then fails at once with this error instead of stopping the whole search.
-            return {
-                **base,
-                "predicted": {},
-                "feasible": True,
-                "violations": "",
-                "build_error": f"{type(e).__name__}: {e}",
-            }
-        violations = _violations(m, self.constraints)
-        for name, value in violations.items():
-            trial.set_constraint(name, value)
-        trial.set_user_attr("arch_hash", h)
-        feasible = all(v <= 0 for v in violations.values())
-        return {
-            **base,
-            "predicted": m,
-            "feasible": feasible,
-            "violations": "" if feasible else _describe_violations(m, self.constraints),
-        }
-
-
-def _make_searcher_class():
-    """`ArchOptunaSearch`, defined on first use so that importing this module does not import Ray."""
-    global ArchOptunaSearch
-    if "ArchOptunaSearch" in globals():
-        return ArchOptunaSearch
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
-
-    class _ArchOptunaSearch(OptunaSearch):
-        """Ray's `OptunaSearch`, telling Optuna what a hybridnas trial really was.
-
-        - ok / infeasible trials are COMPLETE with their objective values (an infeasible one never
-          trained: its accuracy is 0 and its training time 0, and its constraint values, set when
-          it was sampled, mark it infeasible, so constrained samplers rank it below every
-          feasible trial);
-        - failed trials (raised, diverged, worker lost) are FAIL: no value is made up for them;
-        - an architecture this search already proposed is not run again: the Optuna trial is
-          closed (with the twin's values when known) and another one is asked for.
-        """
-
-        def __init__(
-            self, *args: Any, objectives: Sequence[tuple[str, str]] = (), replay_name: str = "", **kw: Any
-        ) -> None:
-            super().__init__(*args, **kw)
-            self.objectives = [tuple(o) for o in objectives]
-            self.replay_name = replay_name
-            self.arch_values: dict[str, list[float]] = {}  # arch hash -> objective values told
-            self.trial_hash: dict[str, str] = {}  # Ray trial id -> arch hash
-            self._resumed = False
-
-        def restore(self, checkpoint_path: str) -> None:
-            super().restore(checkpoint_path)
-            self._resumed = True
-
-        def _enqueue_lost_trials(self) -> None:
-            """Trials that finished after Ray's last snapshot of a killed driver are unknown to the
-            restored Tune and Optuna; ask for their parameters first, so they are replayed (from
-            MLflow, see `_Replays`) rather than lost or trained again, and the count stays right."""
-            import ray
-
-            self._resumed = False
-            try:
-                actor = ray.get_actor(self.replay_name)
-            except ValueError:
-                return
-            known = set(self.trial_hash.values())
-            for arch_hash, params in ray.get(actor.lost_params.remote()).items():
-                if arch_hash not in known and params:
-                    self._ot_study.enqueue_trial(params, skip_if_exists=False)
-
-        def suggest(self, trial_id: str) -> dict | None:
-            if self._resumed:
-                self._enqueue_lost_trials()
-            config = None
-            for _ in range(MAX_RESAMPLE):
-                config = super().suggest(trial_id)
-                if config is None or "duplicate_of" not in config:
-                    break
-                ot_trial = self._ot_trials.pop(trial_id)
-                values = self.arch_values.get(config["arch_hash"])
-                if values is not None:
-                    self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0])
-                else:
-                    self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-            if config is not None and "duplicate_of" in config:
-                # The space is (nearly) exhausted: take the sampler's next choice even if trained before.
-                self._ot_study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
-                self._space.allow_duplicates = True
-                try:
-                    config = super().suggest(trial_id)
-                finally:
-                    self._space.allow_duplicates = False
-            if config is not None:
-                self.trial_hash[trial_id] = config.get("arch_hash", "")
-            return config
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            pass  # no pruning: per-epoch results carry accuracy only, not every objective
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            ot_trial = self._ot_trials[trial_id]
-            status = (result or {}).get("status")
-            values = None
-            if not error and status in (STATUS_OK, STATUS_INFEASIBLE):
-                values = []
-                for metric, _ in self.objectives:
-                    v = result.get(metric)
-                    if v is None and status == STATUS_INFEASIBLE:
-                        v = 0.0  # never trained: no accuracy, no training time
-                    if v is None or not math.isfinite(float(v)):
-                        values = None
-                        break
-                    values.append(float(v))
-            try:
-                if values is None:
-                    self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-                else:
-                    self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0])
-                    h = self.trial_hash.get(trial_id)
-                    if h:
-                        self.arch_values[h] = values
-            except Exception as e:  # noqa: BLE001 - a bookkeeping problem must not stop the search
-                logging.getLogger(__name__).warning("optuna tell failed for trial %s: %s", trial_id, e)
-            self._completed_trials.add(trial_id)
-
-    _ArchOptunaSearch.__name__ = _ArchOptunaSearch.__qualname__ = "ArchOptunaSearch"
-    _ArchOptunaSearch.__module__ = __name__
-    ArchOptunaSearch = _ArchOptunaSearch  # module-level name: pickle finds it on restore
-    return ArchOptunaSearch
-
-
-def __getattr__(name: str) -> Any:
-    # Unpickling a saved searcher looks up `runners.search.ArchOptunaSearch` before anything built it.
-    if name == "ArchOptunaSearch":
-        return _make_searcher_class()
-    raise AttributeError(name)
-
-
-def make_sampler(sampler: str, seed: int, trials: int, grid_space: dict | None = None) -> Any:
-    """The Optuna sampler named in ``search.sampler``, seeded.
-
-    NSGA-II/III get a population of about a third of the trials (at least 4, at most 50): with
-    Optuna's default of 50 a 24-trial search would never leave its random first generation.
-    TPE starts after a quarter of the trials (2..10) and samples parameters jointly
-    (multivariate, grouped for the conditional mixer options).
-    """
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if sampler == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=max(2, min(10, trials // 4)), multivariate=True, group=True
-        )
-    population = max(4, min(50, trials // 3))
-    if sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
-    if sampler == "nsga3":
-        return optuna.samplers.NSGAIIISampler(seed=seed, population_size=population)
-    if sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if sampler == "grid":
-        return optuna.samplers.GridSampler(grid_space, seed=seed)
-    raise SpecError("search.sampler", f"{sampler!r} is not one of tpe, nsga2, nsga3, random, grid")
-
-
-class _Replays:
-    """A Ray actor, alive during a resumed search, holding the trials MLflow says finished.
-
-    Ray snapshots a search every couple of seconds, so a driver killed right after a trial
-    finished may come back with that trial marked running, or not knowing it at all. Keyed by
-    architecture hash (unique within a search): `hybridnas_trial` reports the stored result
-    instead of training again, and the searcher asks Optuna for the lost trials' parameters first.
-    """
-
-    def __init__(self, results: dict[str, dict], params: dict[str, dict]) -> None:
-        self.results = results
-        self.params = params
-
-    def get(self, arch_hash: str) -> dict | None:
-        return self.results.get(arch_hash)
-
-    def lost_params(self) -> dict[str, dict]:
-        return self.params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,33 +156,6 @@ def calibrate_latency(
 # Output directory state
 
 
-def _read_state(out: Path) -> dict | None:
-    path = out / STATE_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SearchError(f"{path} is unreadable ({e}); remove it or use another --out") from None
-
-
-def _write_state(out: Path, state: dict) -> None:
-    from hybridnas.runners.export import atomic_write
-
-    atomic_write(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
-
-
-def _fingerprint(resolved: dict) -> str:
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _resolved(exp: Any) -> dict:
-    d = exp.to_resolved_dict()
-    d.pop("out_dir", None)  # --out may move; the search is the same
-    d.pop("tracking", None)
-    return d
-
-
 def apply_overrides(exp: Any, trials: int | None = None, epochs: int | None = None) -> Any:
     """The experiment with ``--trials`` / ``--epochs`` applied (validated like the file)."""
     if trials is not None:
@@ -624,136 +171,6 @@ def apply_overrides(exp: Any, trials: int | None = None, epochs: int | None = No
 
 # ---------------------------------------------------------------------------------------------
 # Ray
-
-
-def _quiet_env() -> None:
-    # Before Ray Tune is imported: these are read at import or controller start.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network call home
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record: no CSV/JSON/TB
-    # Experiment snapshots (trial states + Optuna) every 2 s instead of Ray's adaptive >= 10 s, so a
-    # killed driver loses little; a snapshot of a few dozen trials costs milliseconds.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0 on restore too
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Per-epoch and infeasible results lack some objectives by design (the searcher handles them).
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-
-
-# Imported by every worker process of a Ray started here, before it takes work (Ray's
-# ``preload_python_modules``): torch (with torch._dynamo, which the optimizers import on first
-# use), Tune's function-trainable machinery and this package's training path: about 4 s of imports
-# per process (on this 2-core machine) otherwise paid by the first trial on it.
-WORKER_PRELOAD = (
-    "torch",
-    "torch._dynamo",
-    "ray.tune.trainable.function_trainable",
-    "hybridnas.runners.search",
-    "hybridnas.runners.train",
-    "hybridnas.runners.data",
-    "hybridnas.search_space.build",
-)
-
-
-_LOCAL_RAY_SESSION: str | None = None  # the job id of the Ray that `init_ray` started in this process
-
-
-def _ray_started_here() -> bool:
-    import ray
-
-    return ray.is_initialized() and ray.get_runtime_context().get_job_id() == _LOCAL_RAY_SESSION
-
-
-@contextlib.contextmanager
-def _trial_actors_on_prestarted_workers(local: bool | None = None) -> Iterator[None]:
-    """Let Tune's trial actors run on the workers Ray prestarted (and preloaded) at ``ray.init``.
-
-    Tune gives its trial actors a runtime environment of a few environment variables
-    (``PL_DISABLE_FORK=1`` and some propagated from the driver: ray.tune.execution.class_cache).
-    Ray only hands an actor an idle worker of the same runtime environment, and it prestarts
-    workers with none, so every trial actor got a fresh process and imported torch again (measured:
-    the second slot's first trial started 7 s after Tune asked for it). For a Ray started by this
-    process the variables are already in every worker's environment (inherited from the driver),
-    so the trial actors can go without: the class cache's variable lists are emptied while Tune
-    runs. A cluster's workers do not inherit the driver's environment: left as Tune has it.
-    """
-    cache = None
-    if local is None:  # the callers' case: is this the Ray `init_ray` started here?
-        local = _ray_started_here()
-    if local:
-        with contextlib.suppress(ImportError):
-            from ray.tune.execution import class_cache as cache
-    if cache is None or not hasattr(cache, "DEFAULT_ENV_VARS") or not hasattr(cache, "ENV_VARS_TO_PROPAGATE"):
-        yield
-        return
-    saved = cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE
-    cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE = {}, set()
-    try:
-        yield
-    finally:
-        cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE = saved
-
-
-def _package_for_cluster() -> str:
-    """The ``hybridnas`` package as one folder that Ray can ship to a cluster's nodes.
-
-    Installed from a wheel, that is the package's own folder. In an editable install the
-    subpackages live in the repository's top-level folders, so they are copied into one temporary
-    ``hybridnas/`` tree (Python sources and the example files only)."""
-    import importlib
-    import shutil
-    import tempfile
-
-    import hybridnas
-
-    root = Path(hybridnas.__file__).parent
-    subs = ("blocks", "search_space", "runners", "experiments")
-    if all((root / s / "__init__.py").is_file() for s in subs):
-        return str(root)
-    stage = Path(tempfile.mkdtemp(prefix="hybridnas-ship-")) / "hybridnas"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(root, stage, ignore=ignore)
-    for sub in subs:
-        src = Path(importlib.import_module(f"hybridnas.{sub}").__path__[0])
-        shutil.copytree(src, stage / sub, ignore=ignore, dirs_exist_ok=True)
-    return str(stage)
-
-
-def init_ray(address: str | None = None, workers: int | None = None) -> bool:
-    """Start (or join) Ray unless this process already did (Ray then stays up until the process
-    exits, so a second search reuses it). Returns True when started here.
-
-    ``workers`` (the trials that run at once) caps the worker processes a local Ray prestarts and
-    keeps idle (Ray's ``num_workers_soft_limit``; one per CPU otherwise): each one imports torch
-    (~300 MB) up front, which is waste beyond the trial slots on a many-core machine. More are
-    still started when needed."""
-    _quiet_env()
-    import ray
-
-    if ray.is_initialized():
-        return False
-    common = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
-    if address:
-        try:
-            # Ship this package's code with the job: nodes need only the dependencies installed.
-            ray.init(address=address, runtime_env={"py_modules": [_package_for_cluster()]}, **common)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise SearchError(f"cannot join the Ray cluster at {address!r}: {e}") from None
-    else:
-        # Ray starts one idle worker per CPU as soon as this driver connects; they import what a
-        # trial needs while the driver sets the search up, and Tune's trial actors take them (see
-        # `_trial_actors_on_prestarted_workers`): the first trials start without paying the imports.
-        os.environ.setdefault("PL_DISABLE_FORK", "1")  # what Tune gives its actors; inherited here
-        system: dict[str, Any] = {"preload_python_modules": list(WORKER_PRELOAD)}
-        if workers:
-            system["num_workers_soft_limit"] = max(1, min(int(workers), os.cpu_count() or 1))
-        ray.init(num_cpus=os.cpu_count(), _system_config=system, **common)
-        global _LOCAL_RAY_SESSION
-        _LOCAL_RAY_SESSION = ray.get_runtime_context().get_job_id()
-    # Tune logs every failed trial with its traceback; the progress line and MLflow already say it.
-    for name in ("ray", "ray.tune", "ray.train", "ray.air"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,21 +200,8 @@ class SearchResult:
     ui_command: str
 
 
-def input_for(data_cfg: Any) -> Any:
-    """The input the architectures get from the `DataConfig` ``data_cfg`` (a search's or an
-    ablation's ``data:``): known from the dataset name, else from loading it here."""
-    from hybridnas.search_space.experiment import known_input
-    from hybridnas.search_space.spec import InputSpec
-
-    known = known_input(data_cfg)
-    if known is not None:
-        return known
-    data = _dataset(dataclasses.asdict(data_cfg))
-    return InputSpec(channels=data.channels, size=data.size, classes=data.classes)
-
-
 def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> str:
-    from hybridnas.runners.tracking import log_params
+    from hybridnas.runners.store import log_params
 
     objectives = [[o.metric, o.mode] for o in exp.objectives]
     run = client.create_run(
@@ -838,45 +242,6 @@ def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> st
     return pid
 
 
-@contextlib.contextmanager
-def _parent_guard(client: Any, run_id: str) -> Iterator[None]:
-    """The parent run ends KILLED on Ctrl-C (a second one, or before Tune's loop), FAILED with the
-    error on anything else, never stuck in RUNNING."""
-    from hybridnas.runners.tracking import set_tags
-
-    try:
-        yield
-    except KeyboardInterrupt:
-        with contextlib.suppress(Exception):
-            client.update_run(run_id, status="KILLED")
-        raise
-    except Exception as e:
-        with contextlib.suppress(Exception):
-            set_tags(client, run_id, {"hybridnas.error": f"{type(e).__name__}: {e}"[:5000]})
-            client.set_terminated(run_id, "FAILED")
-        raise
-
-
-def _replays_from_mlflow(client: Any, exp_id: str, parent: str) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Results and Optuna parameters of the finished trials of a search, by architecture hash."""
-    from hybridnas.runners.tracking import FINAL_METRICS, FINISHED, child_runs
-
-    results, params = {}, {}
-    for run in child_runs(client, exp_id, parent):
-        tags = run.data.tags
-        h, status = tags.get("hybridnas.arch_hash"), tags.get("hybridnas.status")
-        if h and status in FINISHED:
-            r = {k: run.data.metrics[k] for k in FINAL_METRICS if k in run.data.metrics}
-            r.update(status=status, trial_number=tags.get("hybridnas.trial"), arch_hash=h)
-            if status == STATUS_FAILED:
-                r["error"] = tags.get("hybridnas.error", "")
-            if status == STATUS_INFEASIBLE:
-                r["violations"] = tags.get("hybridnas.violations", "")
-            results[h] = r
-            params[h] = json.loads(tags.get("hybridnas.optuna_params") or "{}")
-    return results, params
-
-
 # Imported in the background while the driver mostly waits (on MLflow, on Ray's processes starting, on
 # trials): torch._dynamo is what FlopCounterMode pulls in on its first use (2 s on the path to the first
 # trial otherwise: the first suggestion profiles an architecture); the plotting libraries are what the
@@ -908,8 +273,7 @@ def run_search(
     address: str | None = None,
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    stream: Any = None,
+    progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Run (or, with ``resume``, continue) the search described by ``exp``; see the module docstring.
 
@@ -917,29 +281,17 @@ def run_search(
     a search (without ``resume``), nothing to resume, an experiment changed since, an unusable
     tracking store or an unreachable cluster - all before any trial runs.
     """
-    from hybridnas.runners import tracking as tr
+    from hybridnas.runners import store as tr
+    from hybridnas.runners import tracking
 
-    stream = stream or sys.stdout
-    say = (lambda line: print(line, file=stream, flush=True)) if progress else (lambda line: None)
+    say = progress if callable(progress) else (lambda line: None)
     t_start = time.time()
     _warm_imports()
     timings: dict[str, float] = {}
     out = Path(out_dir or exp.out_dir).expanduser().resolve()
-    state = _read_state(out)
     faults = os.environ.get(FAULTS_ENV, "")
-    fingerprint = _fingerprint({**_resolved(exp), "faults": faults})
-    if state and not resume:
-        raise SearchError(
-            f"{out} already holds a search (MLflow run {state.get('parent_run_id')}); continue it with --resume, "
-            "or start a fresh one with --out DIR"
-        )
-    if resume and not state:
-        raise SearchError(f"nothing to resume in {out} (no {STATE_FILE}); start the search without --resume")
-    if state and state.get("fingerprint") != fingerprint:
-        raise SearchError(
-            f"the experiment changed since the search in {out} started (file, --trials or --epochs); resume with "
-            "the same settings, or start a fresh search with --out DIR"
-        )
+    fp = fingerprint({**resolved_for_fingerprint(exp), "faults": faults})
+    state = check_state(out, fp, resume, "search")
 
     input_spec = input_for(exp.data)  # may load the data here: a data error stops us before MLflow
     uri = tr.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
@@ -974,7 +326,7 @@ def run_search(
                 "experiment_id": exp_id,
                 "parent_run_id": parent,
                 "tracking_uri": uri,
-                "fingerprint": fingerprint,
+                "fingerprint": fp,
                 "trials": exp.search.trials,
                 "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
                 "finished": False,
@@ -984,7 +336,7 @@ def run_search(
     except MlflowException as e:
         raise tr.TrackingError(f"MLflow at {tr.redact(uri)}: {e.message}") from None
 
-    with _parent_guard(client, parent):
+    with parent_guard(client, parent):
         objectives = [(o.metric, o.mode) for o in exp.objectives]
         constraints = {k: b.to_dict() for k, b in exp.constraints.items()}
         grid = exp.search.sampler == "grid"
@@ -1056,47 +408,42 @@ def run_search(
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument")
-        searcher_cls = _make_searcher_class()
         sampler = make_sampler(
             exp.search.sampler,
             exp.search.seed,
             n_trials,
             exp.space.grid_search_space(input_spec) if grid else None,
         )
-        metrics, modes = [m for m, _ in objectives], [mode for _, mode in objectives]
         replay_name = f"hybridnas-replay-{parent}"
-        searcher = searcher_cls(
+        searcher = ArchSearcher(
             suggester,
-            metric=metrics if len(metrics) > 1 else metrics[0],
-            mode=modes if len(modes) > 1 else modes[0],
             sampler=sampler,
             objectives=objectives,
             replay_name=replay_name,
         )
-        param_space = {
-            "data": dataclasses.asdict(exp.data),
-            "train": exp.train.to_dict(),
-            "cpus": exp.resources.cpu,
-            "faults": faults,
-            "replay": replay_name,
-        }
+        param_space = recipe(
+            data=dataclasses.asdict(exp.data),
+            train=exp.train.to_dict(),
+            cpus=exp.resources.cpu,
+            faults=faults,
+            replay=replay_name,
+        )
         trainable = tune.with_resources(hybridnas_trial, {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu})
-        callback = tr.MlflowSearchCallback(
+        callback = tracking.MlflowSearchCallback(
             uri,
             exp_id,
             parent,
             objectives,
             constraints,
             total_trials=n_trials,
-            progress=progress,
-            stream=stream,
+            say=progress if callable(progress) else None,
         )
         tune_path = out / TUNE_DIR
         replays = None
         if resume and tune.Tuner.can_restore(str(tune_path)):
-            results, params = _replays_from_mlflow(client, exp_id, parent)
+            results, params = replays_from_mlflow(client, exp_id, parent)
             if results:
-                replays = ray.remote(num_cpus=0)(_Replays).options(name=replay_name).remote(results, params)
+                replays = ray.remote(num_cpus=0)(Replays).options(name=replay_name).remote(results, params)
             tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, param_space=param_space)
             say(f"resuming {tune_path}: {len(results)} trials finished before")
         else:
@@ -1121,10 +468,10 @@ def run_search(
                     failure_config=tune.FailureConfig(max_failures=exp.search.max_failures),
                 ),
             )
-        _write_state(out, state)
+        write_state(out, state)
         t = time.time()
         try:
-            with _trial_actors_on_prestarted_workers():
+            with trial_actors_on_prestarted_workers():
                 grid_result = tuner.fit()
             timings["tune_s"] = time.time() - t
         finally:
@@ -1179,7 +526,7 @@ def run_search(
                 shutdown.join()
         timings["finish_s"] = time.time() - t
         state["finished"] = True
-        _write_state(out, state)
+        write_state(out, state)
         client.set_terminated(parent, "FINISHED")
     return SearchResult(
         experiment=exp.tracking.experiment,
@@ -1277,7 +624,7 @@ def _finish(
     """
     from hybridnas.runners.export import ExportError, export_arch, load_runs
     from hybridnas.runners.pareto import feasible_table, write_fronts
-    from hybridnas.runners.tracking import front_tags, log_metrics
+    from hybridnas.runners.store import front_tags, log_metrics
 
     try:
         df = load_runs(exp.tracking.experiment, uri, parent_run_id=parent)
@@ -1329,67 +676,3 @@ def _finish(
 
 # ---------------------------------------------------------------------------------------------
 # CLI
-
-
-def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
-    """The Pareto front as a fixed-width table: objectives, then the other metrics, then the architecture."""
-    from hybridnas.runners.pareto import arch_summary, human
-
-    metrics = [m for m, _ in objectives]
-    for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_measured"):
-        if extra not in metrics:
-            metrics.append(extra)
-    header = ["trial", *[m.replace("latency_ms_measured", "measured_ms") for m in metrics], "architecture"]
-    rows = [
-        [str(r["trial"]), *[human(r.get(m), m) for m in metrics], arch_summary(r.get("arch"))]
-        for r in front.to_dict("records")
-    ]
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def main(args: argparse.Namespace) -> int:
-    """`hybridnas search FILE [--tracking-uri URI] [--address A] [--resume] [--out DIR] [--trials N] [--epochs N]`."""
-    from hybridnas.search_space.experiment import Experiment
-
-    exp = Experiment.from_yaml(args.experiment)
-    exp = apply_overrides(exp, getattr(args, "trials", None), getattr(args, "epochs", None))
-    res = run_search(
-        exp,
-        tracking_uri=getattr(args, "tracking_uri", None),
-        address=getattr(args, "address", None),
-        resume=bool(getattr(args, "resume", False)),
-        out_dir=getattr(args, "out", None),
-    )
-    c = res.counts
-    print(
-        f"\nsearch {exp.name}: {sum(c.values())} trials ({c['ok']} ok, {c['failed']} failed, "
-        f"{c['infeasible']} infeasible) in {res.wall_s / 60:.1f} min"
-    )
-    if res.interrupted:
-        return 130
-    if res.front is not None and len(res.front):
-        goals = ", ".join(f"{m} ({mode})" for m, mode in res.objectives)
-        print(f"Pareto front of {goals}: {len(res.front)} architectures")
-        print(front_text(res.front, res.objectives))
-    if res.exported:
-        print("exported architectures:")
-        for p in res.exported:
-            print(f"  {_rel(p)}")
-    if res.pareto_files:
-        print(
-            f"plots and table: {_rel(res.pareto_files[0].parent)}/ (pareto.csv, pareto_*.png, pareto_*.html)"
-        )
-    print(f"browse in MLflow: {res.ui_command}")
-    if res.exported:
-        print(f"train one further: hybridnas train {_rel(res.exported[0])} --epochs 10")
-    return 0

@@ -7,15 +7,10 @@ printed is what a search could train. MACs come from `runners.measure.profile_sp
 
 from __future__ import annotations
 
-import argparse
-import sys
-import warnings
+from collections.abc import Callable
 from typing import Any
 
 from hybridnas.search_space import ArchSpec, Experiment
-from hybridnas.search_space.config import MAX_SEED, check_range
-
-MAX_SPACE_SAMPLES = 1_000
 
 
 def human(n: float | None) -> str:
@@ -71,11 +66,14 @@ def format_arch(spec: ArchSpec, profile: dict | None) -> list[str]:
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
-def report(exp: Experiment, samples: int = 3, seed: int = 0, out=sys.stdout) -> list[ArchSpec]:
-    """Print the experiment's summary, its space and `samples` sampled architectures; return them."""
+def report(exp: Experiment, say: Callable[[str], None], samples: int = 3, seed: int = 0) -> list[ArchSpec]:
+    """Hand ``say`` the experiment's summary, its space and ``samples`` sampled architectures, one
+    line at a time; return the sampled architectures."""
     import optuna
 
-    p = lambda *a: print(*a, file=out)  # noqa: E731
+    def p(*parts: Any) -> None:
+        say(" ".join(str(x) for x in parts))
+
     space, inp = exp.space, exp.input
     p(f"{exp.path or exp.name}: valid")
     p(
@@ -135,17 +133,3 @@ def _feasibility(exp: Experiment, prof: dict) -> str:
         if not bound.contains(prof[metric]):
             bad.append(f"{metric} {human(prof[metric])} outside {bound.describe(metric)}")
     return "infeasible (never trained): " + "; ".join(bad) if bad else "feasible"
-
-
-def main(args: argparse.Namespace) -> int:
-    # Each sample is built and profiled (0.1-1 s on a small CPU): a bound keeps a typo from running for hours.
-    check_range(args.samples, "--samples", 0, MAX_SPACE_SAMPLES)
-    check_range(args.seed, "--seed", 0, MAX_SEED)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        exp = Experiment.from_yaml(args.experiment)
-    for w in caught:
-        if issubclass(w.category, UserWarning):
-            print(f"hybridnas: warning: {w.message}", file=sys.stderr)
-    report(exp, samples=args.samples, seed=args.seed)
-    return 0

@@ -21,16 +21,12 @@ and per-epoch metrics leave through ``callback``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
-import json
 import math
 import os
 import random
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -43,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridnas import __version__
+from hybridnas.runners.files import atomic_write
 from hybridnas.search_space.config import DataConfig, TrainConfig
 from hybridnas.search_space.errors import SpecError, UserError
 
@@ -444,13 +441,6 @@ def evaluate(model: nn.Module, dd: DeviceData, autocast: Any = None) -> float:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _si(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f}{unit}"
-    return f"{x:.0f}"
-
-
 def _known(d: Any, cls: type) -> dict:
     """Keys of mapping ``d`` that ``cls`` (a config dataclass) knows; provenance may carry more."""
     names = {f.name for f in fields(cls)}
@@ -481,97 +471,76 @@ def data_config_for(spec: ArchSpec, dataset: str | None = None, root: str | None
     return DataConfig.from_dict(base, path="data")
 
 
-def _progress_printer(stream: Any, epochs: int) -> tuple[Callable[[int, int], None], Callable[[dict], None]]:
-    """A per-epoch bar redrawn in place on a terminal; on a pipe, just one line per epoch."""
-    tty = stream.isatty()
-    state = {"epoch": 1, "t0": time.perf_counter()}
-    width = 24
+@dataclasses.dataclass
+class TrainRun:
+    """What `train_arch` did: the training result, where it wrote the weights and the arch file,
+    and the summary `hybridnas train --json` prints."""
 
-    def bar(done: int, steps: int) -> str:
-        filled = round(width * done / steps)
-        return "[" + "#" * filled + "." * (width - filled) + "]"
-
-    def on_batch(i: int, steps: int) -> None:
-        state["steps"] = steps
-        if tty and (i == steps or i % max(1, steps // width) == 0):
-            stream.write(f"\repoch {state['epoch']}/{epochs} {bar(i, steps)} {i}/{steps}")
-            stream.flush()
-
-    def on_epoch(m: dict) -> None:
-        steps = state.get("steps", 1)
-        prefix = "\r" if tty else ""
-        stream.write(
-            f"{prefix}epoch {m['epoch']}/{epochs} {bar(steps, steps)} loss {m['train_loss']:.4f}  "
-            f"val_acc {m['val_acc']:.4f}  {m['imgs_per_s']:,.0f} img/s  {m['epoch_time_s']:.1f}s\n"
-        )
-        stream.flush()
-        state["epoch"] = m["epoch"] + 1
-
-    return on_batch, on_epoch
+    result: TrainResult
+    out: Path
+    summary: dict
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file and rename: a crash never leaves half a file at ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def train_arch(
+    spec: ArchSpec,
+    *,
+    data: str | None = None,
+    root: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    threads: int | None = None,
+    out: str | os.PathLike | None = None,
+    on_start: Callable[[str, TrainConfig], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> TrainRun:
+    """Train ``spec`` with the recipe its provenance records (flags override), then write
+    ``model.pt`` and ``arch.yaml`` (with ``metrics:`` and ``provenance:``) under ``out``.
 
+    Raises `TrainingDiverged` when the loss turns non-finite, `UserError`s for bad input."""
+    from hybridnas.runners.measure import profile
 
-def main(args: argparse.Namespace) -> int:
-    """`hybridnas train ARCH.yaml [--data NAME] [--root DIR] [--epochs N] ... [--out DIR] [--json]`."""
-    from hybridnas.search_space.spec import ArchSpec
-
-    from .measure import profile
-
-    spec = ArchSpec.from_yaml(Path(args.arch))
-    data_cfg = data_config_for(spec, args.data, args.root)
+    data_cfg = data_config_for(spec, data, root)
     prov = spec.provenance if isinstance(spec.provenance, Mapping) else {}
     # The recipe recorded with the arch (by a search or an earlier `hybridnas train`), minus what
     # belongs to the machine it ran on; flags override it.
     recipe = {k: v for k, v in _known(prov.get("train"), TrainConfig).items() if k not in MACHINE_KEYS}
     cfg = TrainConfig.from_dict(recipe, path="provenance.train").replace(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        precision=getattr(args, "precision", None),
-        threads=getattr(args, "threads", None),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        precision=precision,
+        threads=threads,
     )
     shape = expected_shape(data_cfg)
     if shape is not None:
         check_compatible(spec, shape)  # before a slow load or a download
-    data = load_dataset(data_cfg)
-    check_compatible(spec, data)
-    out = Path(args.out) if args.out else Path("runs") / f"train-{spec.arch_hash()}"
-    # With --json stdout carries exactly one JSON object, so the progress goes to stderr.
-    stream = sys.stderr if args.json else sys.stdout
-    on_batch, on_epoch = _progress_printer(stream, cfg.epochs)
+    dataset = load_dataset(data_cfg)
+    check_compatible(spec, dataset)
+    folder = Path(out) if out else Path("runs") / f"train-{spec.arch_hash()}"
     dev = resolve_device(cfg.device)
-    print(
-        f"training {spec.arch_hash()} on {data!r} for {cfg.epochs} epoch(s), device {dev}, "
-        f"{resolve_precision(cfg.precision, dev)}",
-        file=stream,
-        flush=True,
-    )
+    if on_start is not None:
+        on_start(
+            f"training {spec.arch_hash()} on {dataset!r} for {cfg.epochs} epoch(s), device {dev}, "
+            f"{resolve_precision(cfg.precision, dev)}",
+            cfg,
+        )
     try:
-        res = train_model(spec, data, cfg, callback=on_epoch, device=dev, progress=on_batch)
+        res = train_model(spec, dataset, cfg, callback=on_epoch, device=dev, progress=on_batch)
     except TrainingDiverged as e:
-        print(f"hybridnas: {e}; try a lower --lr (now {cfg.lr})", file=sys.stderr)
-        return 1
+        e.lr = cfg.lr  # what to lower
+        raise
     model = res.model.to("cpu", memory_format=torch.contiguous_format)
-    prof = profile(model, (data.channels, data.size, data.size))
-    out.mkdir(parents=True, exist_ok=True)
+    prof = profile(model, (dataset.channels, dataset.size, dataset.size))
+    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out / "model.pt", lambda p: torch.save(state, p))
+    atomic_write(folder / "model.pt", lambda p: torch.save(state, p))
     metrics = {
         "val_acc": res.val_acc,
         "train_loss": res.train_loss,
@@ -591,10 +560,10 @@ def main(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
     }
     written = dataclasses.replace(spec, metrics=metrics, provenance=provenance)
-    _atomic_write(out / "arch.yaml", lambda p: Path(p).write_text(written.to_yaml()))
+    atomic_write(folder / "arch.yaml", lambda p: Path(p).write_text(written.to_yaml()))
     summary = {
         "arch_hash": spec.arch_hash(),
-        "dataset": data.name,
+        "dataset": dataset.name,
         "val_acc": res.val_acc,
         "train_loss": res.train_loss,
         "macs": prof["macs"],
@@ -605,14 +574,7 @@ def main(args: argparse.Namespace) -> int:
         "epochs": res.epochs,
         "device": str(dev),
         "precision": res.precision,
-        "out": str(out),
+        "out": str(folder),
         "history": res.history,
     }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(
-            f"val_acc {res.val_acc:.4f} | MACs {_si(prof['macs'])} | params {_si(prof['params'])} | "
-            f"{res.imgs_per_s:,.0f} img/s | {res.train_time_s:.1f}s | wrote {out}/model.pt, {out}/arch.yaml"
-        )
-    return 0
+    return TrainRun(result=res, out=folder, summary=summary)

@@ -1,5 +1,6 @@
 """Architectures and search spaces: the YAML formats users write, and the one way a spec becomes a model."""
 
+from .ablation import AblationStudy
 from .build import HybridNet, build_model
 from .config import DataConfig, TrainConfig
 from .errors import SpecError, UserError
@@ -18,6 +19,7 @@ from .spec import ArchSpec, HeadSpec, InputSpec, StageSpec, StemSpec
 
 __all__ = [
     "GRID_PARAM",
+    "AblationStudy",
     "ArchSpec",
     "Bound",
     "DataConfig",

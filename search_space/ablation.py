@@ -94,19 +94,18 @@ class AblationStudy:
     confidence: float = 0.95
     variants: tuple[Variant, ...] = field(default=(), compare=False)
     source_text: str = field(default="", compare=False, repr=False)
+    path: str | None = field(default=None, compare=False)
 
     @classmethod
     def from_yaml(cls, path_or_text: str | Path, seeds: list[int] | None = None) -> AblationStudy:
-        path = Path(path_or_text) if _looks_like_path(path_or_text) else None
-        if path is not None:
-            if not path.exists():
-                raise SpecError("", f"ablation file {str(path)!r} does not exist")
-            text, _ = read_text(path)  # a directory, binary or unreadable file: one SpecError naming it
-        else:
-            text = str(path_or_text)
-        raw = load_yaml(text, str(path) if path else None)
+        # One loader for every file format: duplicate keys are errors, unreadable files one line.
+        text, where = read_text(path_or_text)
+        path = Path(where) if where else None
+        raw = load_yaml(text, where)
+        if isinstance(raw, dict) and "name" not in raw and path is not None:
+            raw = {**raw, "name": path.stem}  # two files without a name never share a folder
         study = cls.from_dict(raw, base_dir=path.parent if path else Path.cwd(), seeds=seeds)
-        return _with(study, source_text=text)
+        return _with(study, source_text=text, path=where)
 
     @classmethod
     def from_dict(

@@ -60,6 +60,7 @@ DATASET_INPUTS = {
     "cifar10": (3, 32, 10),
     "cifar100": (3, 32, 100),
 }
+SYNTHETIC_DEFAULTS = (3, 16, 10)  # channels, size, classes of `synthetic` when not given
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
@@ -233,8 +234,9 @@ def known_input(data: DataConfig) -> InputSpec | None:
     if data.dataset in DATASET_INPUTS:
         c, s, k = DATASET_INPUTS[data.dataset]
         return InputSpec(channels=c, size=s, classes=k)
-    if data.dataset == "synthetic" and data.size and data.channels and data.classes:
-        return InputSpec(channels=data.channels, size=data.size, classes=data.classes)
+    if data.dataset == "synthetic":  # the generator's defaults where the file leaves a field out
+        c, s, k = SYNTHETIC_DEFAULTS
+        return InputSpec(channels=data.channels or c, size=data.size or s, classes=data.classes or k)
     return None
 
 

@@ -20,7 +20,7 @@ def _seed():
 def ray_local(tmp_path_factory):
     """One local Ray per test module (started like a search starts it), and a private
     latency-table cache."""
-    from hybridnas.runners.search import init_ray
+    from hybridnas.runners.ray_runtime import init_ray
 
     os.environ["HYBRIDNAS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     import ray

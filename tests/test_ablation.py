@@ -12,7 +12,7 @@ from scipy import stats
 
 from hybridnas.runners import cli
 from hybridnas.runners.ablation import run_ablation
-from hybridnas.runners.tracking import child_runs
+from hybridnas.runners.store import child_runs
 from hybridnas.search_space.ablation import AblationStudy
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def _write(tmp: Path, name: str, **over) -> Path:
 
 def test_ablation_logs_parent_and_tagged_children_and_a_table_matching_scipy(tmp_path, ray_local, capsys):
     study = AblationStudy.from_yaml(_write(tmp_path, "abl"))
-    res = run_ablation(study)
+    res = run_ablation(study, progress=print)
     assert res.trained == 4 and res.skipped == 0
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

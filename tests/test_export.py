@@ -18,15 +18,15 @@ from hybridnas.runners import cli
 from hybridnas.runners.export import (
     COLUMNS,
     ExportError,
-    atomic_write,
     export_arch,
     load_runs,
     parse_budget,
-    redact_uri,
     select,
 )
+from hybridnas.runners.files import atomic_write
 from hybridnas.runners.measure import profile_spec
 from hybridnas.runners.pareto import knee, non_dominated
+from hybridnas.runners.store import redact
 from hybridnas.search_space.spec import ArchSpec
 
 OBJECTIVES = [["val_acc", "max"], ["macs", "min"], ["params", "min"]]
@@ -248,9 +248,9 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["arch.yaml"]
 
 
-def test_redact_uri_hides_passwords():
-    assert redact_uri("http://bob:secret@host:5000/x") == "http://bob:***@host:5000/x"
-    assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+def test_redact_hides_passwords():
+    assert redact("http://bob:secret@host:5000/x") == "http://bob:***@host:5000/x"
+    assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
 
 
 def test_cli_export_writes_default_paths_and_prints_metrics(

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from hybridnas.runners import cli
 from hybridnas.runners.pareto import non_dominated
 from hybridnas.runners.search import SearchError, run_search
-from hybridnas.runners.tracking import child_runs
+from hybridnas.runners.store import child_runs
 from hybridnas.search_space.experiment import Experiment
 from hybridnas.search_space.spec import ArchSpec
 
@@ -122,15 +122,15 @@ def test_tunes_trial_actors_carry_no_runtime_env_only_on_a_ray_started_here():
     # a Ray whose workers inherit them anyway. Checked against the installed Ray's class cache.
     from ray.tune.execution.class_cache import _ActorClassCache
 
-    from hybridnas.runners.search import _trial_actors_on_prestarted_workers
+    from hybridnas.runners.ray_runtime import trial_actors_on_prestarted_workers
 
     def env(cls: type) -> dict:
         return _ActorClassCache().get(cls)._default_options.get("runtime_env") or {}
 
     assert env(type("Before", (), {}))["env_vars"]["PL_DISABLE_FORK"] == "1"
-    with _trial_actors_on_prestarted_workers(local=True):
+    with trial_actors_on_prestarted_workers(local=True):
         assert env(type("Local", (), {})) == {}
-    with _trial_actors_on_prestarted_workers(local=False):  # a cluster: workers do not inherit them
+    with trial_actors_on_prestarted_workers(local=False):  # a cluster: workers do not inherit them
         assert env(type("Cluster", (), {}))["env_vars"]["PL_DISABLE_FORK"] == "1"
     assert env(type("After", (), {}))["env_vars"]["PL_DISABLE_FORK"] == "1"
 
@@ -141,7 +141,7 @@ from pathlib import Path
 
 from ray import tune
 
-from hybridnas.runners.search import WORKER_PRELOAD, _trial_actors_on_prestarted_workers, init_ray
+from hybridnas.runners.ray_runtime import WORKER_PRELOAD, init_ray, trial_actors_on_prestarted_workers
 
 
 def idle_workers():
@@ -164,7 +164,7 @@ deadline = time.time() + 60
 while len(idle_workers()) < 2 and time.time() < deadline:
     time.sleep(0.1)
 prestarted = idle_workers()
-with _trial_actors_on_prestarted_workers():
+with trial_actors_on_prestarted_workers():
     grid = tune.Tuner(
         tune.with_resources(probe, {"cpu": 1}),
         param_space={"i": tune.grid_search([0, 1])},

@@ -51,7 +51,7 @@ def _mark(ok: bool) -> str:
 def run_one(exp: Any, quick: bool) -> dict:
     """One timed search of ``exp`` (concurrency 2, temporary store); prints its split, returns it."""
     from hybridnas.runners.search import calibrate_latency, run_search
-    from hybridnas.runners.tracking import make_client
+    from hybridnas.runners.store import make_client
 
     exp = dataclasses.replace(exp, search=dataclasses.replace(exp.search, concurrency=CONCURRENCY))
     with tempfile.TemporaryDirectory(prefix="hybridnas-bench-search-") as tmp:

@@ -1,0 +1,110 @@
+"""Every use of a Ray or Optuna internal, in one place, checked against the installed version.
+
+Each function here works around something the public APIs do not offer. Each one checks that the
+internal is still there and, when it is not, logs one line and falls back to the public behaviour
+(slower, never wrong). The tests in tests/test_internals.py fail on an upgrade that moves them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger("hybridnas")
+
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+_LOCKS_ATTR = "_hybridnas_stripped_locks"
+
+
+# -- Optuna: samplers that hold a thread lock ------------------------------------------------------
+
+
+def _samplers(sampler: Any) -> list[Any]:
+    """The sampler and the samplers it delegates to (NSGA-II's random/independent samplers)."""
+    out, todo = [], [sampler]
+    while todo:
+        s = todo.pop()
+        if s is None or any(s is o for o in out) or not hasattr(s, "__dict__"):
+            continue
+        out.append(s)
+        todo += [v for k, v in vars(s).items() if k.endswith("sampler") and hasattr(v, "sample_relative")]
+    return out
+
+
+@contextlib.contextmanager
+def sampler_without_locks(sampler: Any) -> Iterator[None]:
+    """Optuna 5.1's NSGA-II sampler keeps a ``threading.Lock`` in its state, so it (and a study
+    that uses it) no longer pickles, which Ray Tune must do to save and restore a search. While
+    this context is open the locks are taken out (their attribute names noted on the sampler);
+    `restore_sampler_locks` puts fresh ones back after unpickling."""
+    taken: list[tuple[Any, str, Any]] = []
+    for s in _samplers(sampler):
+        names = [k for k, v in vars(s).items() if isinstance(v, _LOCK_TYPES)]
+        for k in names:
+            taken.append((s, k, vars(s)[k]))
+            setattr(s, k, None)
+        if names:
+            setattr(s, _LOCKS_ATTR, names)
+            log.debug("optuna: %s holds locks %s; pickled without them", type(s).__name__, names)
+    try:
+        yield
+    finally:
+        for s, k, lock in taken:
+            setattr(s, k, lock)
+            vars(s).pop(_LOCKS_ATTR, None)
+
+
+def restore_sampler_locks(sampler: Any) -> None:
+    """Fresh locks where `sampler_without_locks` took them out before pickling."""
+    for s in _samplers(sampler):
+        for k in vars(s).pop(_LOCKS_ATTR, []):
+            setattr(s, k, threading.Lock())
+
+
+# -- Ray: trial actors on the workers a local Ray prestarted ----------------------------------------
+
+# Ray versions these internals were checked against (tests/test_internals.py checks them again).
+RAY_CHECKED = ("2.60",)
+
+
+def worker_system_config(preload: tuple[str, ...], slots: int | None) -> dict[str, Any]:
+    """``ray.init(_system_config=...)`` for a local Ray: every worker imports ``preload`` before it
+    takes work, and at most ``slots`` idle workers are prestarted (one per CPU otherwise, each
+    importing torch). Both are Ray system-config keys, which Ray validates at ``ray.init``: a Ray
+    that dropped one would refuse to start, so unknown versions get the plain config and a log line.
+    """
+    import ray
+
+    if not ray.__version__.startswith(RAY_CHECKED):
+        log.info("ray %s: not checked with its system config; trial workers start cold", ray.__version__)
+        return {}
+    config: dict[str, Any] = {"preload_python_modules": list(preload)}
+    if slots:
+        config["num_workers_soft_limit"] = slots
+    return config
+
+
+@contextlib.contextmanager
+def tune_actors_without_env_vars() -> Iterator[None]:
+    """Tune gives each trial actor a runtime environment of a few variables
+    (``ray.tune.execution.class_cache``); Ray hands an actor only an idle worker of the same
+    runtime environment, so without this every trial actor got a fresh process. In a Ray started
+    by this process the workers inherited those variables anyway: the lists are emptied while
+    Tune runs. If the module or its attributes moved, Tune keeps its behaviour (logged)."""
+    try:
+        from ray.tune.execution import class_cache as cache
+    except ImportError:
+        cache = None
+    if cache is None or not hasattr(cache, "DEFAULT_ENV_VARS") or not hasattr(cache, "ENV_VARS_TO_PROPAGATE"):
+        log.info("ray: tune's class_cache moved; trial actors start in fresh processes")
+        yield
+        return
+    saved = cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE
+    cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE = {}, set()
+    try:
+        yield
+    finally:
+        cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE = saved
