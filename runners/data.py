@@ -409,7 +409,9 @@ def _cifar_folder(cfg: DataConfig) -> Path:
             present = [f for f in files if (candidate / f).is_file()]
             if present:
                 missing = [f for f in files if f not in present]
-                raise DataError(f"{name}: {candidate} has {', '.join(present)} but not {', '.join(missing)}. {fetch}")
+                raise DataError(
+                    f"{name}: {candidate} has {', '.join(present)} but not {', '.join(missing)}. {fetch}"
+                )
         raise DataError(f"{name}: no batch files in {root}. {fetch}")
     for f in files:
         if not os.access(folder / f, os.R_OK):
@@ -493,12 +495,9 @@ def download_and_extract(url: str, md5: str, root: Path | str, timeout: float = 
 
 def input_for(data_cfg: Any) -> Any:
     """The input the architectures get from the `DataConfig` ``data_cfg`` (a search's or an
-    ablation's ``data:``): known from the dataset name, else from loading it here."""
-    from hybridnas.search_space.experiment import known_input
+    ablation's ``data:``), with the data checked first (`prepare_data`): a driver calls this before
+    it touches MLflow or Ray, so missing data fails once, at once, naming the file."""
     from hybridnas.search_space.spec import InputSpec
 
-    known = known_input(data_cfg)
-    if known is not None:
-        return known
-    data = load_dataset(data_cfg)
-    return InputSpec(channels=data.channels, size=data.size, classes=data.classes)
+    shape = prepare_data(data_cfg)
+    return InputSpec(channels=shape.channels, size=shape.size, classes=shape.classes)
