@@ -23,7 +23,10 @@ from typing import Any
 
 from hybridnas.runners.examples import resolve
 from hybridnas.runners.files import shown
+from hybridnas.search_space.config import MAX_SEED, check_range
 from hybridnas.search_space.errors import SpecError, UserError
+
+MAX_SPACE_SAMPLES = 1_000  # `space --samples`
 
 
 def _handler(module: str, func: str = "main"):
@@ -63,8 +66,9 @@ def _cmd_space(args: argparse.Namespace) -> int:
     from hybridnas.runners.space_report import report
     from hybridnas.search_space.experiment import Experiment
 
-    if args.samples < 0:
-        raise SpecError("--samples", f"must be >= 0, got {args.samples}")
+    # Each sample is built and profiled (0.1-1 s on a small CPU): the bound keeps a typo from running for hours.
+    check_range(args.samples, "--samples", 0, MAX_SPACE_SAMPLES)
+    check_range(args.seed, "--seed", 0, MAX_SEED)
     exp = Experiment.from_yaml(resolve(args.experiment))
     report(exp, _say, samples=args.samples, seed=args.seed)
     return 0

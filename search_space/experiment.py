@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, TrainConfig
+from .config import MAX_CONCURRENCY, MAX_SEED, DataConfig, TrainConfig
 from .errors import SpecError, not_one_of
 from .space import ENUMERATE_LIMIT, SearchSpace
 from .spec import InputSpec, as_choice, as_float, as_int, check_mapping, key_path, load_mapping, type_name
@@ -338,8 +338,8 @@ def _search(value: Any) -> SearchConfig:
     return SearchConfig(
         sampler=sampler,
         trials=as_int(d.get("trials", 20), "search.trials", 1, 1_000_000),
-        concurrency=as_int(d.get("concurrency", 1), "search.concurrency", 1, 4096),
-        seed=as_int(d.get("seed", 0), "search.seed", 0, 2**32 - 1),
+        concurrency=as_int(d.get("concurrency", 1), "search.concurrency", 1, MAX_CONCURRENCY),
+        seed=as_int(d.get("seed", 0), "search.seed", 0, MAX_SEED),
         max_failures=as_int(d.get("max_failures", 1), "search.max_failures", 0, 100),
     )
 
