@@ -23,6 +23,7 @@ from typing import Any
 
 from hybridnas.runners.examples import resolve
 from hybridnas.runners.files import shown
+from hybridnas.runners.fmt import human
 from hybridnas.search_space.config import MAX_SEED, check_range
 from hybridnas.search_space.errors import SpecError, UserError
 
@@ -72,12 +73,6 @@ def _cmd_space(args: argparse.Namespace) -> int:
     exp = Experiment.from_yaml(resolve(args.experiment))
     report(exp, _say, samples=args.samples, seed=args.seed)
     return 0
-
-
-def _si(x: float) -> str:
-    from hybridnas.runners.pareto import human
-
-    return human(x)
 
 
 def _progress_printer(stream: Any, epochs: int) -> tuple[Callable[[int, int], None], Callable[[dict], None]]:
@@ -147,7 +142,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         print(
-            f"val_acc {res.val_acc:.4f} | MACs {_si(summary['macs'])} | params {_si(summary['params'])} | "
+            f"val_acc {res.val_acc:.4f} | MACs {human(summary['macs'], 'macs')} | params {human(summary['params'], 'params')} | "
             f"{res.imgs_per_s:,.0f} img/s | {res.train_time_s:.1f}s | wrote {out}/model.pt, {out}/arch.yaml"
         )
     return 0

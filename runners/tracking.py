@@ -29,6 +29,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from hybridnas.runners.fmt import human
 from hybridnas.runners.store import (
     EPOCH_METRICS,
     FINAL_METRICS,
@@ -46,12 +47,6 @@ from hybridnas.runners.trial import TrialConfig
 
 # ---------------------------------------------------------------------------------------------
 # URIs
-
-
-def _human(value: Any, metric: str) -> str:
-    from hybridnas.runners.pareto import human
-
-    return human(value, metric)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +308,7 @@ class MlflowSearchCallback(Callback):
         text = f"{sum(c.values())}{total} done ({c['ok']} ok, {c['failed']} failed, {c['infeasible']} infeasible)"
         if self._best is not None:
             metric = self.objectives[0][0]
-            text += f"; best {metric} {_human(self._best[0], metric)} (trial {self._best[1]})"
+            text += f"; best {metric} {human(self._best[0], metric)} (trial {self._best[1]})"
         if len(self.objectives) > 1 and self._hv is not None and self._hv.points:
             text += f", hypervolume {self._hv.value:.4g}"
         return text
@@ -323,7 +318,7 @@ class MlflowSearchCallback(Callback):
             m for m in ("val_acc", "macs", "params") if m not in dict(self.objectives)
         ]
         if status == "ok":
-            what = "  ".join(f"{m} {_human(result.get(m), m)}" for m in shown if _finite(result.get(m)))
+            what = "  ".join(f"{m} {human(result.get(m), m)}" for m in shown if _finite(result.get(m)))
             what += f"  {float(result.get('train_time_s', 0.0)):.1f}s"
         elif status == "infeasible":
             what = f"not trained: {result.get('violations', '')}"
