@@ -178,7 +178,7 @@ def _resume_command(args: argparse.Namespace) -> str:
     import shlex
 
     parts = ["hybridnas", args.command, args.experiment if args.command == "search" else args.ablation]
-    for flag in ("trials", "epochs", "seeds", "tracking_uri", "address", "out"):
+    for flag in ("trials", "epochs", "seeds", "tracking_uri", "address", "out"):  # what was given
         value = getattr(args, flag, None)
         if value is not None:
             parts += ["--" + flag.replace("_", "-"), str(value)]
@@ -209,6 +209,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         resume=bool(getattr(args, "resume", False)),
         out_dir=getattr(args, "out", None),
         progress=_say,
+        store_timeout=args.store_timeout,
     )
     c = res.counts
     print(
@@ -396,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output directory (default: hybridnas_runs/<name>)")
     s.add_argument("--trials", type=int, help="override search.trials")
     s.add_argument("--epochs", type=int, help="override train.epochs")
+    s.add_argument(
+        "--store-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="how long trials go on while the tracking store is unreachable (its writes wait in "
+        "OUT/mlflow_buffer.jsonl) before the search stops to be resumed (exit 75); default 600",
+    )
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("ablate", help="run an ablation study from an ablation file")

@@ -50,6 +50,7 @@ from typing import Any
 from hybridnas.runners.data import input_for
 from hybridnas.runners.ray_runtime import init_ray, trial_actors_on_prestarted_workers
 from hybridnas.runners.resume import (
+    Interrupted,
     Replays,
     SearchError,
     Stop,
@@ -73,6 +74,7 @@ from hybridnas.runners.trial import (
 from hybridnas.search_space.errors import SpecError
 
 TUNE_DIR = "tune"
+STORE_TIMEOUT_S = 600.0  # how long a search goes on without its tracking store (--store-timeout)
 CALIBRATION_SAMPLES = 2000  # architectures drawn to cover the latency table of a space too big to enumerate
 
 
@@ -277,6 +279,7 @@ def run_search(
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    store_timeout: float = STORE_TIMEOUT_S,
 ) -> SearchResult:
     """Run (or, with ``resume``, continue) the search described by ``exp``; see the module docstring.
 
@@ -287,9 +290,14 @@ def run_search(
     SIGINT and SIGTERM stop it cleanly (`runners.resume.Stop`): during the trials it returns with
     ``interrupted`` and ``stopped_by`` set; before or after them it raises `Interrupted`. Either
     way the search is saved in its folder and no run is left RUNNING.
+
+    A tracking store that goes away does not stop the trials: the driver's writes wait in
+    ``<out>/mlflow_buffer.jsonl`` (`runners.store_buffer`) and are delivered when it answers again,
+    or by ``--resume``; after ``store_timeout`` seconds without it the search stops like on SIGTERM
+    (``stopped_by="store"``).
     """
     with Stop() as stop:
-        return _search(exp, tracking_uri, address, resume, out_dir, progress, stop)
+        return _search(exp, tracking_uri, address, resume, out_dir, progress, stop, store_timeout)
 
 
 def _search(
@@ -300,9 +308,11 @@ def _search(
     out_dir: str | os.PathLike | None,
     progress: Callable[[str], None] | None,
     stop: Stop,
+    store_timeout: float = STORE_TIMEOUT_S,
 ) -> SearchResult:
     from hybridnas.runners import store as tr
     from hybridnas.runners import tracking
+    from hybridnas.runners.store_buffer import BUFFER_FILE, BufferedClient
 
     say = progress if callable(progress) else (lambda line: None)
     t_start = time.time()
@@ -357,6 +367,13 @@ def _search(
             }
             write_state(out, state)
         close_orphans(client, exp_id, "search", out, keep=parent)
+        client = BufferedClient(
+            client, uri, out / BUFFER_FILE, store_timeout, say, on_expired=lambda: stop.request("store")
+        )
+        if client.pending and not client.flush():  # writes an earlier driver could not deliver
+            raise tr.TrackingError(
+                f"{client.pending} writes buffered in {client.path} could not be delivered"
+            )
     except MlflowException as e:
         raise tr.TrackingError(f"MLflow at {tr.redact(uri)}: {e.message}") from None
 
@@ -497,7 +514,11 @@ def _search(
         write_state(out, state)
         t = time.time()
         try:
-            with trial_actors_on_prestarted_workers(), stop.tune():
+            with (
+                trial_actors_on_prestarted_workers(),
+                stop.tune(),
+                tracking.driver(parent, client, progress if callable(progress) else None),
+            ):
                 grid_result = tuner.fit()
             timings["tune_s"] = time.time() - t
         finally:
@@ -505,6 +526,12 @@ def _search(
                 ray.kill(replays)
 
     with parent_guard(client, parent, stop, "search", out):  # a signal while the front is measured
+        if not client.flush(max(0.0, store_timeout - (client.unreachable_s or 0.0))):
+            raise Interrupted(
+                "store",
+                f"the tracking store at {tr.redact(uri)} stayed unreachable for {store_timeout:.0f}s; "
+                f"{client.pending} writes are kept in {client.path} and delivered by --resume",
+            )
         trials = _trial_rows(grid_result)
         finished = tr.child_runs(client, exp_id, parent)
         counts = {s: 0 for s in (STATUS_OK, STATUS_FAILED, STATUS_INFEASIBLE)}
