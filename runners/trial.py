@@ -192,7 +192,8 @@ def hybridnas_trial(config: dict) -> None:
         spec = ArchSpec.from_dict(t.arch, warn=False)
         cfg = TrainConfig.from_dict(t.train)
         if fault == "diverge":
-            cfg = cfg.replace(lr=float("inf"))  # an infinite step size: the loss turns NaN at once
+            # An infinite step size (past validation, which rejects it): the loss turns NaN at once.
+            cfg = dataclasses.replace(cfg, lr=float("inf"))
         data = cached_dataset(t.data)
         threads = cfg.threads or max(1, int(t.cpus or 1))
 
