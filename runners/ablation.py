@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.files import shown
-from hybridnas.runners.resume import check_state, fingerprint, parent_guard, write_state
+from hybridnas.runners.resume import Stop, check_state, close_orphans, fingerprint, parent_guard, write_state
 from hybridnas.runners.trial import TrialConfig
 from hybridnas.search_space.errors import SpecError, UserError
 
@@ -45,6 +45,7 @@ class AblationResult:
     counts: dict[str, int]
     ui_command: str
     interrupted: bool = False
+    stopped_by: str | None = None  # SIGINT | SIGTERM, when interrupted
 
 
 def ablation_trial(config: dict) -> None:
@@ -96,7 +97,7 @@ def _shape(i: Any) -> str:
 
 def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
     """Finished child runs of the study by (variant, seed) key; unfinished ones are deleted."""
-    from hybridnas.runners.store import FINISHED, child_runs
+    from hybridnas.runners.store import FINISHED, child_runs, close_unfinished_run
 
     done = {}
     for run in child_runs(client, exp_id, parent):
@@ -104,8 +105,9 @@ def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
         key = tags.get("hybridnas.run_key")
         if key and tags.get("hybridnas.status") in FINISHED:
             done[key] = run
-        elif key:
-            client.delete_run(run.info.run_id)  # cut short by an interruption: it runs again
+        elif key:  # cut short by an interruption (or left RUNNING by a killed driver): it runs again
+            close_unfinished_run(client, run)
+            client.delete_run(run.info.run_id)
     return done
 
 
@@ -187,7 +189,23 @@ def run_ablation(
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> AblationResult:
-    """Train every (variant, seed) of ``study`` not finished yet, then write and log the table."""
+    """Train every (variant, seed) of ``study`` not finished yet, then write and log the table.
+
+    SIGINT and SIGTERM stop it cleanly (`runners.resume.Stop`): it returns ``interrupted`` without
+    a table (or raises `Interrupted` outside the trials); no run is left RUNNING."""
+    with Stop() as stop:
+        return _ablate(study, tracking_uri, address, resume, out_dir, progress, stop)
+
+
+def _ablate(
+    study: Any,
+    tracking_uri: str | None,
+    address: str | None,
+    resume: bool,
+    out_dir: str | os.PathLike | None,
+    progress: Callable[[str], None] | None,
+    stop: Stop,
+) -> AblationResult:
     from hybridnas.runners import store as tr
 
     say = progress if callable(progress) else (lambda line: None)
@@ -219,8 +237,9 @@ def run_ablation(
             "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         }
         write_state(out, state, STATE_FILE)
-    with parent_guard(client, parent):
-        return _run_study(study, client, uri, exp_id, parent, out, measures, address, progress, say)
+    close_orphans(client, exp_id, "ablation", out, keep=parent)
+    with parent_guard(client, parent, stop, "ablation", out):
+        return _run_study(study, client, uri, exp_id, parent, out, measures, address, progress, say, stop)
 
 
 def _run_study(
@@ -234,6 +253,7 @@ def _run_study(
     address: str | None,
     progress: Callable[[str], None] | None,
     say: Callable[[str], None],
+    stop: Stop,
 ) -> AblationResult:
     from hybridnas.runners import ablation_table as at
     from hybridnas.runners import store as tr
@@ -270,6 +290,7 @@ def _run_study(
 
         torch.set_num_threads(1)
         init_ray(address, workers=study.concurrency)
+        stop.rearm()
         from ray import tune
 
         from hybridnas.runners.ray_runtime import trial_actors_on_prestarted_workers
@@ -300,16 +321,18 @@ def _run_study(
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
-        with trial_actors_on_prestarted_workers():
+        with trial_actors_on_prestarted_workers(), stop.tune():
             tuner.fit()
 
     results, counts = _results_from_mlflow(client, exp_id, parent)
     if sum(counts.values()) < total:
-        # Tune stopped early (Ctrl-C): no table that looks complete, and never a plain success.
+        # Tune stopped early (Ctrl-C, SIGTERM): no table that looks complete, never a plain success.
+        reason = stop.reason or "SIGINT"
+        tr.close_unfinished(client, exp_id, parent)
         client.set_terminated(parent, "KILLED")
         say(
-            f"interrupted: {sum(counts.values())}/{total} trials finished; no table written; continue with: "
-            f"hybridnas ablate {study.path or '<file>'} --resume"
+            f"interrupted ({reason}): {sum(counts.values())}/{total} trials finished; no table written; "
+            f"the study is saved in {out}"
         )
         return AblationResult(
             name=study.name,
@@ -323,6 +346,7 @@ def _run_study(
             counts=counts,
             ui_command=tr.ui_command(uri),
             interrupted=True,
+            stopped_by=reason,
         )
     if not any(r["variant"] == "base" for r in results):
         client.set_terminated(parent, "FAILED")

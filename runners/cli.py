@@ -172,6 +172,29 @@ def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _resume_command(args: argparse.Namespace) -> str:
+    """The exact command that continues an interrupted ``search`` or ``ablate``: the same file and
+    flags (they are part of what is resumed), plus ``--resume``."""
+    import shlex
+
+    parts = ["hybridnas", args.command, args.experiment if args.command == "search" else args.ablation]
+    for flag in ("trials", "epochs", "seeds", "tracking_uri", "address", "out"):  # what was given
+        value = getattr(args, flag, None)
+        if value is not None:
+            parts += ["--" + flag.replace("_", "-"), str(value)]
+    return shlex.join([*parts, "--resume"])
+
+
+def _interrupted(args: argparse.Namespace, reason: str | None, what: str) -> int:
+    from hybridnas.runners.resume import EXIT_CODES
+
+    reason = reason or "SIGINT"
+    print(
+        f"hybridnas: {what} interrupted ({reason}); continue with: {_resume_command(args)}", file=sys.stderr
+    )
+    return EXIT_CODES.get(reason, 130)
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     """`hybridnas search FILE [--tracking-uri URI] [--address A] [--resume] [--out DIR] [--trials N] [--epochs N]`."""
     from hybridnas.runners.search import apply_overrides, run_search
@@ -186,6 +209,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         resume=bool(getattr(args, "resume", False)),
         out_dir=getattr(args, "out", None),
         progress=_say,
+        store_timeout=args.store_timeout,
     )
     c = res.counts
     print(
@@ -193,7 +217,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         f"{c['infeasible']} infeasible) in {res.wall_s / 60:.1f} min"
     )
     if res.interrupted:
-        return 130
+        return _interrupted(args, res.stopped_by, "search")
     if res.front is not None and len(res.front):
         goals = ", ".join(f"{m} ({mode})" for m, mode in res.objectives)
         print(f"Pareto front of {goals}: {len(res.front)} architectures")
@@ -248,7 +272,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         out_dir=args.out,
         progress=_say,
     )
-    return 130 if res.interrupted else 0
+    return _interrupted(args, res.stopped_by, "ablation") if res.interrupted else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output directory (default: hybridnas_runs/<name>)")
     s.add_argument("--trials", type=int, help="override search.trials")
     s.add_argument("--epochs", type=int, help="override train.epochs")
+    s.add_argument(
+        "--store-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="how long trials go on while the tracking store is unreachable (its writes wait in "
+        "OUT/mlflow_buffer.jsonl) before the search stops to be resumed (exit 75); default 600",
+    )
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("ablate", help="run an ablation study from an ablation file")
@@ -457,9 +489,14 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             print(f"hybridnas: error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("hybridnas: interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:
+            from hybridnas.runners.resume import Interrupted
+
+            if isinstance(e, Interrupted) and e.resumable and args.command in ("search", "ablate"):
+                print(f"hybridnas: {e}; continue with: {_resume_command(args)}", file=sys.stderr)
+            else:
+                print(f"hybridnas: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
+            return e.exit_code if isinstance(e, Interrupted) else 130
         except BrokenPipeError:  # `hybridnas ... | head`: the reader left, nothing more to say
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

@@ -51,9 +51,12 @@ from hybridnas.runners.data import input_for
 from hybridnas.runners.latency import LatencyContext
 from hybridnas.runners.ray_runtime import init_ray, trial_actors_on_prestarted_workers
 from hybridnas.runners.resume import (
+    Interrupted,
     Replays,
     SearchError,
+    Stop,
     check_state,
+    close_orphans,
     fingerprint,
     parent_guard,
     replays_from_mlflow,
@@ -72,6 +75,7 @@ from hybridnas.runners.trial import (
 from hybridnas.search_space.errors import SpecError
 
 TUNE_DIR = "tune"
+STORE_TIMEOUT_S = 600.0  # how long a search goes on without its tracking store (--store-timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +136,7 @@ class SearchResult:
     calibration: dict[str, Any]
     timings: dict[str, float]  # mlflow_s, latency_table_s, ray_init_s, tune_s, finish_s
     ui_command: str
+    stopped_by: str | None = None  # SIGINT | SIGTERM | store, when interrupted
 
 
 def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> str:
@@ -208,15 +213,40 @@ def run_search(
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    store_timeout: float = STORE_TIMEOUT_S,
 ) -> SearchResult:
     """Run (or, with ``resume``, continue) the search described by ``exp``; see the module docstring.
 
     Raises `SearchError` / `TrackingError` (UserErrors) for an output directory that already holds
     a search (without ``resume``), nothing to resume, an experiment changed since, an unusable
     tracking store or an unreachable cluster - all before any trial runs.
+
+    SIGINT and SIGTERM stop it cleanly (`runners.resume.Stop`): during the trials it returns with
+    ``interrupted`` and ``stopped_by`` set; before or after them it raises `Interrupted`. Either
+    way the search is saved in its folder and no run is left RUNNING.
+
+    A tracking store that goes away does not stop the trials: the driver's writes wait in
+    ``<out>/mlflow_buffer.jsonl`` (`runners.store_buffer`) and are delivered when it answers again,
+    or by ``--resume``; after ``store_timeout`` seconds without it the search stops like on SIGTERM
+    (``stopped_by="store"``).
     """
+    with Stop() as stop:
+        return _search(exp, tracking_uri, address, resume, out_dir, progress, stop, store_timeout)
+
+
+def _search(
+    exp: Any,
+    tracking_uri: str | None,
+    address: str | None,
+    resume: bool,
+    out_dir: str | os.PathLike | None,
+    progress: Callable[[str], None] | None,
+    stop: Stop,
+    store_timeout: float = STORE_TIMEOUT_S,
+) -> SearchResult:
     from hybridnas.runners import store as tr
     from hybridnas.runners import tracking
+    from hybridnas.runners.store_buffer import BUFFER_FILE, BufferedClient
 
     say = progress if callable(progress) else (lambda line: None)
     t_start = time.time()
@@ -240,6 +270,7 @@ def run_search(
     if address:  # joining a running cluster costs this machine nothing: fail before MLflow has a run
         t = time.time()
         init_ray(address)
+        stop.rearm()
         timings["ray_init_s"] = time.time() - t
     from mlflow.exceptions import MlflowException
 
@@ -264,13 +295,23 @@ def run_search(
                 "trials": exp.search.trials,
                 "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
                 "finished": False,
+                # Until Tune starts: a rerun of the same search (or --resume) continues this parent
+                # run; a kill during the latency calibration leaves nothing behind unclosed.
+                "provisional": True,
             }
-            # state.json is written once the Tuner exists (just before it runs): a search that
-            # fails to start leaves nothing to "resume" and can simply be started again.
+            write_state(out, state)
+        close_orphans(client, exp_id, "search", out, keep=parent)
+        client = BufferedClient(
+            client, uri, out / BUFFER_FILE, store_timeout, say, on_expired=lambda: stop.request("store")
+        )
+        if client.pending and not client.flush():  # writes an earlier driver could not deliver
+            raise tr.TrackingError(
+                f"{client.pending} writes buffered in {client.path} could not be delivered"
+            )
     except MlflowException as e:
         raise tr.TrackingError(f"MLflow at {tr.redact(uri)}: {e.message}") from None
 
-    with parent_guard(client, parent):
+    with parent_guard(client, parent, stop, "search", out):
         objectives = [(o.metric, o.mode) for o in exp.objectives]
         constraints = {k: b.to_dict() for k, b in exp.constraints.items()}
         grid = exp.search.sampler == "grid"
@@ -305,6 +346,7 @@ def run_search(
         if not address:
             t = time.time()
             started_ray = init_ray(address, workers=exp.search.concurrency)
+            stop.rearm()
             timings["ray_init_s"] = time.time() - t
         import ray
         from ray import tune
@@ -391,66 +433,79 @@ def run_search(
                     failure_config=tune.FailureConfig(max_failures=exp.search.max_failures),
                 ),
             )
+        state.pop("provisional", None)
         write_state(out, state)
         t = time.time()
         try:
-            with trial_actors_on_prestarted_workers():
+            with (
+                trial_actors_on_prestarted_workers(),
+                stop.tune(),
+                tracking.driver(parent, client, progress if callable(progress) else None),
+            ):
                 grid_result = tuner.fit()
             timings["tune_s"] = time.time() - t
         finally:
             if replays is not None:
                 ray.kill(replays)
 
-    trials = _trial_rows(grid_result)
-    finished = tr.child_runs(client, exp_id, parent)
-    counts = {s: 0 for s in (STATUS_OK, STATUS_FAILED, STATUS_INFEASIBLE)}
-    for run in finished:
-        s = run.data.tags.get("hybridnas.status")
-        if s in counts:
-            counts[s] += 1
-    interrupted = sum(counts.values()) < n_trials
-    starts = [t["started_at"] for t in trials if t.get("started_at") and not t.get("replayed")]
-    first_trial_s = (min(starts) - t_start) if starts and not resume else None
-
-    front, exported, files = None, [], []
-    if interrupted:
-        client.update_run(parent, status="KILLED")
-        say(
-            f"interrupted: {sum(counts.values())}/{n_trials} trials finished; continue with: "
-            f"hybridnas search {exp.path or '<file>'} --resume" + (f" --out {out}" if out_dir else "")
-        )
-    else:
-        t = time.time()
-        shutdown = None
-        if started_ray:
-            # The front's latency is measured in this process. With the search's Ray still up the
-            # medians came out 30-70 % high (measured), so a Ray started here is shut down first
-            # (in the background: it takes ~1.4 s, while the runs are read back from MLflow); a Ray
-            # that was running before the search (or a cluster) is left alone.
-            import threading
-
-            shutdown = threading.Thread(target=ray.shutdown, name="hybridnas-ray-shutdown")
-            shutdown.start()
-        try:
-            front, exported, files = _finish(
-                exp,
-                client,
-                uri,
-                exp_id,
-                parent,
-                out,
-                objectives,
-                input_spec,
-                say,
-                quiet=shutdown.join if shutdown is not None else None,
+    with parent_guard(client, parent, stop, "search", out):  # a signal while the front is measured
+        if not client.flush(max(0.0, store_timeout - (client.unreachable_s or 0.0))):
+            raise Interrupted(
+                "store",
+                f"the tracking store at {tr.redact(uri)} stayed unreachable for {store_timeout:.0f}s; "
+                f"{client.pending} writes are kept in {client.path} and delivered by --resume",
             )
-        finally:
-            if shutdown is not None:
-                shutdown.join()
-        timings["finish_s"] = time.time() - t
-        state["finished"] = True
-        write_state(out, state)
-        client.set_terminated(parent, "FINISHED")
+        trials = _trial_rows(grid_result)
+        finished = tr.child_runs(client, exp_id, parent)
+        counts = {s: 0 for s in (STATUS_OK, STATUS_FAILED, STATUS_INFEASIBLE)}
+        for run in finished:
+            s = run.data.tags.get("hybridnas.status")
+            if s in counts:
+                counts[s] += 1
+        interrupted = sum(counts.values()) < n_trials
+        stopped_by = (stop.reason or "SIGINT") if interrupted else None
+        starts = [t["started_at"] for t in trials if t.get("started_at") and not t.get("replayed")]
+        first_trial_s = (min(starts) - t_start) if starts and not resume else None
+
+        front, exported, files = None, [], []
+        if interrupted:
+            tr.close_unfinished(client, exp_id, parent)  # the callback closed its own; this is the net
+            client.set_terminated(parent, "KILLED")
+            say(
+                f"interrupted ({stopped_by}): {sum(counts.values())}/{n_trials} trials finished; the search is saved in {out}"
+            )
+        else:
+            t = time.time()
+            shutdown = None
+            if started_ray:
+                # The front's latency is measured in this process. With the search's Ray still up the
+                # medians came out 30-70 % high (measured), so a Ray started here is shut down first
+                # (in the background: it takes ~1.4 s, while the runs are read back from MLflow); a Ray
+                # that was running before the search (or a cluster) is left alone.
+                import threading
+
+                shutdown = threading.Thread(target=ray.shutdown, name="hybridnas-ray-shutdown")
+                shutdown.start()
+            try:
+                front, exported, files = _finish(
+                    exp,
+                    client,
+                    uri,
+                    exp_id,
+                    parent,
+                    out,
+                    objectives,
+                    input_spec,
+                    say,
+                    quiet=shutdown.join if shutdown is not None else None,
+                )
+            finally:
+                if shutdown is not None:
+                    shutdown.join()
+            timings["finish_s"] = time.time() - t
+            state["finished"] = True
+            write_state(out, state)
+            client.set_terminated(parent, "FINISHED")
     return SearchResult(
         experiment=exp.tracking.experiment,
         parent_run_id=parent,
@@ -463,6 +518,7 @@ def run_search(
         exported=exported,
         pareto_files=files,
         interrupted=interrupted,
+        stopped_by=stopped_by,
         wall_s=time.time() - t_start,
         first_trial_s=first_trial_s,
         calibration=cal,

@@ -148,7 +148,11 @@ def open_existing(tracking_uri: str | None) -> tuple[Any, str]:
 
 
 def make_client(uri: str):
-    """An `MlflowClient` with bounded HTTP retries (the default retries for minutes)."""
+    """An `MlflowClient` with bounded HTTP retries (the default retries for minutes).
+
+    A new SQLite file gets MLflow's schema when its first client is made; two processes doing that
+    at once break it (``table ... already exists``), so for SQLite the client is made under a file
+    lock next to the database (``<db>.lock``)."""
     # Set before the first request: MLflow reads these when it builds its HTTP session.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -159,22 +163,44 @@ def make_client(uri: str):
 
     # "Creating initial MLflow database tables..." and friends are not the user's business.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=uri)
+    db = _sqlite_file(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock
+
+    with FileLock(str(db) + ".lock", timeout=300):
+        return MlflowClient(tracking_uri=uri)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    if urlsplit(uri).scheme != "sqlite" or ":///" not in uri:
+        return None
+    path = uri.split(":///", 1)[1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
 
 
 def experiment_id(client: Any, name: str) -> str:
     """The id of MLflow experiment ``name``, created when missing (restored when deleted)."""
     from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
 
-    found = [e for e in client.search_experiments(view_type=ViewType.ALL) if e.name == name]
-    if found:
-        exp = found[0]
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    return client.create_experiment(
-        name, artifact_location=_artifact_root(getattr(client, "tracking_uri", ""))
-    )
+    attempts = 3
+    while True:
+        found = [e for e in client.search_experiments(view_type=ViewType.ALL) if e.name == name]
+        if found:
+            exp = found[0]
+            if exp.lifecycle_stage == "deleted":
+                client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return client.create_experiment(
+                name, artifact_location=_artifact_root(getattr(client, "tracking_uri", ""))
+            )
+        except MlflowException:
+            attempts -= 1
+            if not attempts:
+                raise
+            time.sleep(0.2)  # another search created it a moment ago: look again
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -184,12 +210,8 @@ def _artifact_root(uri: str) -> str | None:
     directories would scatter its artifacts; next to the file, the store is one self-contained
     folder. Servers and file stores keep their own default (None).
     """
-    if urlsplit(uri).scheme != "sqlite" or ":///" not in uri:
-        return None
-    path = uri.split(":///", 1)[1]
-    if not path or path == ":memory:":
-        return None
-    return (Path(path).resolve().parent / "mlruns").as_uri()
+    db = _sqlite_file(uri)
+    return None if db is None else (db.resolve().parent / "mlruns").as_uri()
 
 
 def search_all(client: Any, experiment_ids: Sequence[str], filter_string: str) -> list:
@@ -209,6 +231,22 @@ def child_runs(client: Any, exp_id: str, parent_run_id: str) -> list:
     """The trial runs of one search, oldest first."""
     runs = search_all(client, [exp_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def close_unfinished_run(client: Any, run: Any, status: str = "KILLED") -> None:
+    """End a trial run that is still RUNNING (cut short by an interruption, or left by a killed
+    driver): tag ``hybridnas.status=killed`` and MLflow status ``status``."""
+    if run.info.status == "RUNNING":
+        set_tags(client, run.info.run_id, {"hybridnas.status": "killed"})
+        client.set_terminated(run.info.run_id, status)
+
+
+def close_unfinished(client: Any, exp_id: str, parent_run_id: str, status: str = "KILLED") -> int:
+    """`close_unfinished_run` on every trial run of a search or an ablation; returns how many."""
+    runs = [r for r in child_runs(client, exp_id, parent_run_id) if r.info.status == "RUNNING"]
+    for run in runs:
+        close_unfinished_run(client, run, status)
+    return len(runs)
 
 
 def log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:

@@ -22,9 +22,10 @@ Layout (read back by `runners.export` and `runners.pareto`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ray.tune import Callback
@@ -37,6 +38,7 @@ from hybridnas.runners.store import (
     _clip,
     _finite,
     child_runs,
+    close_unfinished_run,
     headline,
     log_metrics,
     log_params,
@@ -46,7 +48,24 @@ from hybridnas.runners.store import (
 from hybridnas.runners.trial import TrialConfig
 
 # ---------------------------------------------------------------------------------------------
-# URIs
+# The driver's side of the callback
+
+
+# Parent run id -> (client, say) of the driver running that search now. Tune pickles its callbacks
+# with the experiment and a resumed search runs the unpickled one, so what belongs to the running
+# driver (its buffered MLflow client, where progress lines go) is looked up here, never pickled.
+_DRIVERS: dict[str, tuple[Any, Callable[[str], None] | None]] = {}
+
+
+@contextlib.contextmanager
+def driver(parent_run_id: str, client: Any, say: Callable[[str], None] | None) -> Iterator[None]:
+    """While open, the callback of search ``parent_run_id`` writes through ``client`` (a
+    `runners.store_buffer.BufferedClient`) and hands its progress lines to ``say``."""
+    _DRIVERS[parent_run_id] = (client, say)
+    try:
+        yield
+    finally:
+        _DRIVERS.pop(parent_run_id, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,13 +148,18 @@ class MlflowSearchCallback(Callback):
 
     @property
     def client(self) -> Any:
+        linked = _DRIVERS.get(self.parent_run_id)
+        if linked is not None:
+            return linked[0]
         if self._client is None:
             self._client = make_client(self.tracking_uri)
         return self._client
 
     def _print(self, line: str) -> None:
-        if self._say is not None:
-            self._say(line)
+        linked = _DRIVERS.get(self.parent_run_id)
+        say = self._say or (linked[1] if linked is not None else None)
+        if say is not None:
+            say(line)
 
     # ---- Tune hooks ------------------------------------------------------------------------
 
@@ -165,9 +189,29 @@ class MlflowSearchCallback(Callback):
                     self._add_to_front(run.data.metrics, run.data.tags.get("hybridnas.trial", "?"))
             else:
                 # Cut short by the interruption: the trial restarts from scratch, with a new run.
+                close_unfinished_run(client, run)
                 client.delete_run(run.info.run_id)
         if self._done:
             self._print(f"resumed: {self._summary()}")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        poll = getattr(self.client, "poll", None)
+        if poll is not None:  # the store was away: deliver what waits once it answers
+            poll()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Tune's loop ended (finished, interrupted, or Tune raised): the runs of trials that did
+        not finish end KILLED (a resumed search deletes them and runs those trials again)."""
+        client = self.client
+        for tid, run_id in list(self._runs.items()):
+            if tid not in self._done:
+                with contextlib.suppress(Exception):
+                    set_tags(client, run_id, {"hybridnas.status": "killed"})
+                    client.set_terminated(run_id, "KILLED")
+                self._done.add(tid)
+        poll = getattr(client, "poll", None)
+        if poll is not None:
+            poll(force=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tid = trial.trial_id
@@ -311,7 +355,8 @@ class MlflowSearchCallback(Callback):
             text += f"; best {metric} {human(self._best[0], metric)} (trial {self._best[1]})"
         if len(self.objectives) > 1 and self._hv is not None and self._hv.points:
             text += f", hypervolume {self._hv.value:.4g}"
-        return text
+        away = getattr(self.client, "status", lambda: "")()
+        return text + (f"; {away}" if away else "")
 
     def _line(self, number: str, status: str, result: Mapping[str, Any], running: int) -> str:
         shown = [m for m, _ in self.objectives] + [

@@ -122,7 +122,7 @@ def _fault(t: TrialConfig) -> str | None:
     """The fault injected into this trial by ``HYBRIDNAS_FAULTS`` (tests only)."""
     for item in str(t.faults or "").split(","):
         number, _, kind = item.partition(":")
-        if number.strip() and number.strip() == str(t.trial_number):
+        if number.strip() and number.strip() in ("*", str(t.trial_number)):
             return kind.strip()
     return None
 
@@ -185,6 +185,8 @@ def hybridnas_trial(config: dict) -> None:
         fault = _fault(t)
         if fault == "crash":
             os._exit(3)  # the worker process dies (as if killed by the OOM killer): Ray retries the trial
+        if fault and fault.startswith("sleep"):  # a slow trial (``*:sleep3``): tests interrupt it
+            time.sleep(float(fault[5:] or 1))
         if fault == "raise":
             raise RuntimeError(f"fault injected by {FAULTS_ENV} into trial {config.get('trial_number')}")
         spec = ArchSpec.from_dict(t.arch, warn=False)
