@@ -3,7 +3,7 @@
 - `front_markdown`: ``front.md``, the front as a markdown table (MLflow's artifact view renders
   markdown; the search's parent run also carries it as its description).
 - `fronts_page`: ``fronts.html``, one page with a plot per pair of objectives. plotly.js is
-  embedded once (about 4.7 MB; one file per pair used to embed it in each), so the page opens
+  embedded once (about 4.9 MB; one file per pair used to embed it in each), so the page opens
   offline and inside MLflow's artifact view.
 
 Where the front's latency was measured end to end (``latency_ms_measured``), plots with a latency
