@@ -66,12 +66,14 @@ def measure_variants(study: Any, input_spec: Any) -> dict[str, dict]:
 
     Runs before anything trains: a variant that cannot be built for this data is a `SpecError`
     naming the variant and the reason. An ablation has a handful of variants, so each one's latency
-    is measured end to end (`runners.measure.latency`, median of 50 runs) rather than predicted
+    is measured end to end (`runners.latency.latency`, median of 50 runs) rather than predicted
     from the lookup table a search needs for thousands of candidates.
     """
-    from hybridnas.runners.measure import latency, profile_spec
+    from hybridnas.runners.latency import LatencyContext, latency
+    from hybridnas.runners.macs import profile_spec
     from hybridnas.search_space.build import build_model
 
+    ctx = LatencyContext.from_config(study.latency)
     out = {}
     for v in study.variants:
         if v.spec.input != input_spec:
@@ -86,14 +88,7 @@ def measure_variants(study: Any, input_spec: Any) -> dict[str, dict]:
         except (ValueError, RuntimeError) as e:
             raise SpecError(f"variant {v.name!r}", f"cannot be built: {e}") from None
         inp = v.spec.input
-        lat = latency(
-            build_model(v.spec),
-            (inp.channels, inp.size, inp.size),
-            device=study.latency.device,
-            batch_size=study.latency.batch_size,
-            threads=study.latency.threads,
-            runs=50,
-        )["median_ms"]
+        lat = latency(build_model(v.spec), (inp.channels, inp.size, inp.size), ctx, runs=50)["median_ms"]
         out[v.name] = {"macs": p["macs"], "flops": p["flops"], "params": p["params"], "latency_ms": lat}
     return out
 

@@ -200,8 +200,9 @@ def profile(
 ) -> dict[str, Any]:
     """MACs, flops and params of an architecture, per stage too (`hybridnas profile`); with
     ``latency=True`` also its measured latency (``latency_ms``, median ms of a forward pass)."""
-    from hybridnas.runners.measure import latency as time_model
-    from hybridnas.runners.measure import profile_spec
+    from hybridnas.runners.latency import LatencyContext
+    from hybridnas.runners.latency import latency as time_model
+    from hybridnas.runners.macs import profile_spec
     from hybridnas.search_space.build import build_model
 
     spec = _spec(arch)
@@ -209,11 +210,8 @@ def profile(
         out = profile_spec(spec)
         if latency:
             inp = spec.input
-            out["latency_ms"] = time_model(
-                build_model(spec),
-                (inp.channels, inp.size, inp.size),
-                device=device,
-                batch_size=batch_size,
-                threads=threads,
-            )["median_ms"]
+            ctx = LatencyContext(device=device, batch_size=batch_size, threads=threads)
+            out["latency_ms"] = time_model(build_model(spec), (inp.channels, inp.size, inp.size), ctx)[
+                "median_ms"
+            ]
         return out

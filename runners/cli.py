@@ -155,13 +155,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
     """The Pareto front as a fixed-width table: objectives, then the other metrics, then the architecture."""
-    from hybridnas.runners.pareto import arch_summary, human
+    from hybridnas.runners.pareto import arch_summary, human, show_measured_latency
 
+    front = show_measured_latency(front)  # latency_ms: measured where measured; the prediction beside it
     metrics = [m for m, _ in objectives]
-    for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_measured"):
-        if extra not in metrics:
+    for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_predicted"):
+        if extra not in metrics and extra in front.columns:
             metrics.append(extra)
-    header = ["trial", *[m.replace("latency_ms_measured", "measured_ms") for m in metrics], "architecture"]
+    header = ["trial", *[m.replace("latency_ms_predicted", "predicted_ms") for m in metrics], "architecture"]
     rows = [
         [str(r["trial"]), *[human(r.get(m), m) for m in metrics], arch_summary(r.get("arch"))]
         for r in front.to_dict("records")
@@ -199,6 +200,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         goals = ", ".join(f"{m} ({mode})" for m, mode in res.objectives)
         print(f"Pareto front of {goals}: {len(res.front)} architectures")
         print(front_text(res.front, res.objectives))
+        if "latency_ms_predicted" in res.front.columns:
+            print(
+                f"latency_ms: measured end to end after the search ({res.calibration['quality']['clock']} clock); "
+                "predicted_ms: the latency table's prediction, what the search optimised"
+            )
     if res.exported:
         print("exported architectures:")
         for p in res.exported:
@@ -352,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(func=_handler("hybridnas.runners.measure", "main_profile"))
+    s.set_defaults(func=_handler("hybridnas.runners.cli_profile", "main_profile"))
 
     s = sub.add_parser("train", help="train one architecture (e.g. one exported from a search)")
     s.add_argument("arch", help="architecture YAML")
@@ -408,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="directory for pareto.csv/png/html")
     s.set_defaults(func=_cmd_pareto)
 
+    s = sub.add_parser("cache", help="the latency cache: tables, machines, quality, age; clear it")
+    s.add_argument("action", nargs="?", choices=["show", "clear"], default="show")
+    s.add_argument("--space", help="clear only this space's calibration (its experiment name)")
+    s.set_defaults(func=_handler("hybridnas.runners.cli_cache"))
+
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
     s = bsub.add_parser("blocks", help="every mixer vs an unfold implementation and the matmul rate")
@@ -422,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experiment", default=None, help="space to sample from (default: the quickstart)")
     s.add_argument("--samples", type=int, default=30)
     s.add_argument("--quick", action="store_true")
+    s.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        help="N busy background processes during a second calibration and prediction",
+    )
     s.set_defaults(func=_handler("hybridnas.runners.bench.latency"))
     s = bsub.add_parser("train", help="this trainer vs a textbook DataLoader loop")
     s.add_argument("--epochs", type=int, default=2)

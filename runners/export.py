@@ -37,13 +37,23 @@ from hybridnas.runners.pareto import (
     human,
     knee,
     objective_pairs,
+    show_measured_latency,
     trial_key,
 )
 from hybridnas.search_space.errors import UserError, did_you_mean
 
 COLUMNS = ("run_id", "trial", "run_name", "status", *METRIC_COLUMNS, "arch", "arch_hash", "parent_run_id")
 COUNT_METRICS = ("macs", "flops", "params")  # logged as floats by MLflow; exact integers below 2**53
-EXPORTED_METRICS = ("val_acc", "macs", "flops", "params", "latency_ms", "latency_ms_measured")
+# latency_ms: measured where the trial was measured, else predicted; the prediction beside it.
+EXPORTED_METRICS = (
+    "val_acc",
+    "macs",
+    "flops",
+    "params",
+    "latency_ms",
+    "latency_ms_predicted",
+    "latency_ms_measured",
+)
 BUDGET_METRICS = ("macs", "flops", "params", "latency_ms")
 KEYWORDS = ("best_acc", "knee", "pareto")
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -309,11 +319,14 @@ def export_arch(
     arch = _get(row, "arch")
     if not isinstance(arch, ArchSpec):
         raise ExportError(f"trial {_get(row, 'trial', '?')}: no architecture to export")
+    row = show_measured_latency(pd.DataFrame([dict(row)])).iloc[0]  # measured latency where measured
     metrics = {}
     for k in EXPORTED_METRICS:
         v = _get(row, k)
         if _finite(v):
             metrics[k] = int(round(float(v))) if k in COUNT_METRICS else float(v)
+    if "latency_ms_measured" not in metrics:  # not measured: latency_ms is the prediction itself
+        metrics.pop("latency_ms_predicted", None)
     provenance = {
         "experiment": experiment,
         "run_id": _get(row, "run_id"),

@@ -21,6 +21,7 @@ import pandas as pd
 from hybridnas.runners.pareto import (
     LOG_AXES,
     _label,
+    _predicted_positions,
     _step_where,
     feasible_table,
     human,
@@ -132,16 +133,17 @@ def _figure(t: pd.DataFrame, y: tuple[str, str], x: tuple[str, str], title: str,
             marker={"size": 10, "color": "#1f77b4"},
         )
     )
-    measured = t[_has_measured(t)]
-    if len(measured) and "latency_ms" in (xm, ym):
+    rows, px, py = _predicted_positions(t, xm, ym)
+    if len(rows):  # measured trials sit at their measurement (feasible_table); the prediction beside
         fig.add_trace(
-            trace(
-                measured,
-                xcol=MEASURED if xm == "latency_ms" else xm,
-                ycol=MEASURED if ym == "latency_ms" else ym,
+            go.Scatter(
+                x=px,
+                y=py,
                 mode="markers",
-                name="front, latency measured end to end",
-                marker={"symbol": "diamond-open", "size": 11, "color": "#d62728", "line": {"width": 2}},
+                name="predicted latency (front, latency measured end to end)",
+                marker={"symbol": "x", "color": "#595959", "size": 7},
+                hovertext=[_hover(r, metrics) for r in rows.to_dict("records")],
+                hoverinfo="text",
             )
         )
     fig.update_layout(
@@ -180,7 +182,9 @@ def fronts_page(df: pd.DataFrame, objectives: Iterable[Any], title: str = "") ->
         "Hover a point for its run; drag to zoom, double-click to reset."
     )
     if _has_measured(t).any():
-        note += " Red diamonds: the front's latency measured end to end after the search."
+        note += (
+            " Latency axes show the front's latency measured end to end after the search; x: its prediction."
+        )
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title or 'Pareto fronts')}</title></head>\n"

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hybridnas.runners.fmt import human
+
 MODES = ("max", "min")
 # The default when a parent run does not say which objectives it searched.
 DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (("val_acc", "max"), ("macs", "min"))
@@ -47,7 +49,8 @@ LABELS = {
     "macs": "MACs (multiply-accumulates)",
     "flops": "FLOPs (= 2 x MACs)",
     "params": "parameters",
-    "latency_ms": "latency (ms, predicted)",
+    "latency_ms": "latency (ms; measured where measured, else predicted)",
+    "latency_ms_predicted": "latency (ms, predicted)",
     "latency_ms_measured": "latency (ms, measured)",
     "train_time_s": "training time (s)",
     "imgs_per_s": "training throughput (images/s)",
@@ -330,26 +333,6 @@ def arch_summary(spec: Any) -> str:
     return " | ".join(parts)
 
 
-def human(value: Any, metric: str = "") -> str:
-    """Short human form of a metric value: 0.9731 -> 97.31%, 12345678 MACs -> 12.35M."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(v):
-        return "-"
-    if metric == "val_acc":
-        return f"{100 * v:.2f}%"
-    if metric in ("macs", "flops", "params"):
-        for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-            if abs(v) >= div:
-                return f"{v / div:.2f}{suffix}"
-        return f"{v:.0f}"
-    if metric.endswith("_ms"):
-        return f"{v:.3f}"
-    return f"{v:.4g}"
-
-
 def trial_key(t: Any) -> tuple:
     """Sort trial ids naturally: '2' before '10', Ray ids 'abc_00002' by their number."""
     s = str(t)
@@ -384,13 +367,34 @@ def feasible_table(df: pd.DataFrame, objectives: Iterable[Any]) -> pd.DataFrame:
     t = t.sort_values(
         ["rank", first_metric, "_trial_key"], ascending=[True, first_mode == "min", True], kind="stable"
     )
-    return t.drop(columns=["_trial_key"]).reset_index(drop=True)
+    return show_measured_latency(t.drop(columns=["_trial_key"]).reset_index(drop=True))
+
+
+def show_measured_latency(t: pd.DataFrame) -> pd.DataFrame:
+    """``latency_ms`` as a user should read it: the end-to-end measurement where the trial was
+    measured (``latency_ms_measured``, the front after a search), else the table's prediction,
+    which stays beside it as ``latency_ms_predicted``. Applied after the front is chosen, so the
+    ``pareto`` flags and ranks are those of the values the search optimised. Applying it again
+    changes nothing; without a ``latency_ms_measured`` column it returns ``t`` as it is."""
+    if not {"latency_ms", "latency_ms_measured"} <= set(t.columns):
+        return t
+    t = t.copy()
+    predicted = pd.to_numeric(t["latency_ms"], errors="coerce")
+    if "latency_ms_predicted" in t.columns:
+        earlier = pd.to_numeric(t["latency_ms_predicted"], errors="coerce")
+        predicted = earlier.where(np.isfinite(earlier), predicted)
+    measured = pd.to_numeric(t["latency_ms_measured"], errors="coerce")
+    t["latency_ms_predicted"] = predicted
+    t["latency_ms"] = measured.where(np.isfinite(measured), predicted)
+    return t
 
 
 def _csv_frame(t: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
     metrics = [m for m, _ in objectives]
     lead = ["trial", "run_id", "pareto", "rank"]
     metric_cols = metrics + [c for c in METRIC_COLUMNS if c not in metrics]
+    if "latency_ms" in metric_cols:  # the prediction beside the latency shown
+        metric_cols.insert(metric_cols.index("latency_ms") + 1, "latency_ms_predicted")
     tail = ["arch_summary", "arch_hash", "status", "parent_run_id"]
     order = [c for c in lead + metric_cols + tail if c in t.columns]
     rest = [c for c in t.columns if c not in order and c != "arch"]
@@ -404,7 +408,7 @@ def front_table(df: pd.DataFrame, objectives: Iterable[Any], front_only: bool = 
     if front_only:
         t = t[t["pareto"]]
     metrics = [m for m, _ in objs] + [
-        c for c in ("val_acc", "macs", "params", "latency_ms") if c not in dict(objs)
+        c for c in ("val_acc", "macs", "params", "latency_ms", "latency_ms_predicted") if c not in dict(objs)
     ]
     metrics = [m for m in metrics if m in t.columns]
     header = ["trial", *metrics, "arch"]
@@ -432,6 +436,16 @@ def _step_where(x_mode: str) -> str:
     return "post" if x_mode == "min" else "pre"
 
 
+def _predicted_positions(t: pd.DataFrame, xm: str, ym: str) -> tuple[pd.DataFrame, list, list]:
+    """The measured trials and where their predicted latency would put them (when an axis is latency)."""
+    if "latency_ms" not in (xm, ym) or "latency_ms_predicted" not in t.columns:
+        return t.iloc[:0], [], []
+    rows = t[np.isfinite(pd.to_numeric(t["latency_ms_measured"], errors="coerce"))]
+    px = rows["latency_ms_predicted" if xm == "latency_ms" else xm].astype(float).tolist()
+    py = rows["latency_ms_predicted" if ym == "latency_ms" else ym].astype(float).tolist()
+    return rows, px, py
+
+
 def _png(t, y, x, front2, title) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
@@ -454,23 +468,17 @@ def _png(t, y, x, front2, title) -> bytes:
     f = t[front2].sort_values(xm, kind="stable")
     ax.step(f[xm], f[ym], where=_step_where(xmode), color="C0", lw=1.5, zorder=3)
     ax.scatter(f[xm], f[ym], s=40, color="C0", label=f"Pareto front: {ym} vs {xm}", zorder=4)
+    rows, px, py = _predicted_positions(t, xm, ym)
+    if len(rows):  # the measured trials sit at their measurement; their prediction is drawn beside
+        ax.scatter(
+            px, py, marker="x", s=18, color="0.35", label="predicted latency (measured trials)", zorder=2
+        )
+        for a, b, c, d in zip(px, py, rows[xm].astype(float), rows[ym].astype(float)):
+            ax.plot([a, c], [b, d], color="0.6", lw=0.6, zorder=1)
     for _, r in f.iterrows():
         ax.annotate(
             str(r.get("trial", "")), (r[xm], r[ym]), textcoords="offset points", xytext=(4, 4), fontsize=7
         )
-    if "latency_ms" in (xm, ym) and "latency_ms_measured" in t.columns:
-        m = t[pd.to_numeric(t["latency_ms_measured"], errors="coerce").notna()]
-        if len(m):
-            ax.scatter(
-                m["latency_ms_measured"] if xm == "latency_ms" else m[xm],
-                m["latency_ms_measured"] if ym == "latency_ms" else m[ym],
-                s=46,
-                marker="D",
-                facecolors="none",
-                edgecolors="C3",
-                label="front, latency measured end to end",
-                zorder=5,
-            )
     for metric, setter in ((xm, ax.set_xscale), (ym, ax.set_yscale)):
         if metric in LOG_AXES and (t[metric] > 0).all():
             setter("log")

@@ -132,7 +132,11 @@ def init_ray(address: str | None = None, workers: int | None = None) -> bool:
         # `trial_actors_on_prestarted_workers`): the first trials start without paying the imports.
         os.environ.setdefault("PL_DISABLE_FORK", "1")  # what Tune gives its actors; inherited here
         slots = max(1, min(int(workers), os.cpu_count() or 1)) if workers else None
+        # "local": a new Ray here. With no address Ray joins whatever RAY_ADDRESS or
+        # /tmp/ray/ray_current_cluster names (`ray start`, ray.cluster_utils in another process)
+        # and then refuses num_cpus; a cluster is joined with --address only.
         ray.init(
+            address="local",
             num_cpus=os.cpu_count(),
             _system_config=internals.worker_system_config(WORKER_PRELOAD, slots),
             **common,

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hybridnas.runners.calibration import calibrate_latency, calibration_summary, calibration_warning
 from hybridnas.runners.data import input_for
+from hybridnas.runners.latency import LatencyContext
 from hybridnas.runners.ray_runtime import init_ray, trial_actors_on_prestarted_workers
 from hybridnas.runners.resume import (
     Replays,
@@ -71,7 +72,6 @@ from hybridnas.runners.trial import (
 from hybridnas.search_space.errors import SpecError
 
 TUNE_DIR = "tune"
-CALIBRATION_SAMPLES = 2000  # architectures drawn to cover the latency table of a space too big to enumerate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,72 +88,6 @@ def _trial_name(trial: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Latency table
-
-
-def calibrate_latency(
-    space: Any, input: Any, latency: Any, table_path: str | None = None, stream: Any = None, seed: int = 0
-) -> dict[str, Any]:
-    """Calibrate the latency table for this space before any trial runs (`runners.measure.calibrate_table`).
-
-    Small spaces are enumerated; bigger ones are covered by ``CALIBRATION_SAMPLES`` random draws
-    (a unit the draws missed is measured when first met). Every unit is measured in context and
-    about a hundred architectures end to end, to which the unit entries are refit. What the table
-    has already (a previous search, same machine, same code) is not measured again.
-    Returns ``{"units", "measured", "timed", "fit", "seconds", "path", "broken"}``.
-    """
-    import optuna
-
-    from hybridnas.runners.measure import (
-        LatencyTable,
-        _context_key,
-        _resolve_device,
-        _resolve_dtype,
-        calibrate_table,
-    )
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    t0 = time.perf_counter()
-    table = LatencyTable(table_path)
-    # A space calibrated before in this context (machine, threads, batch, torch, block code) is
-    # marked in the table: a repeated search skips drawing and checking its 2,000 architectures.
-    context = _context_key(
-        _resolve_device(latency.device), latency.batch_size, latency.threads, _resolve_dtype(None), "wall"
-    )
-    what = {"space": space.to_dict(), "input": input.to_dict(), "samples": CALIBRATION_SAMPLES, "seed": seed}
-    marker = f"{context}||space|{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
-    done = table.get(marker)
-    if done is not None:
-        return {
-            "units": done["units"],
-            "measured": 0,
-            "timed": 0,
-            "fit": done["fit"],
-            "broken": done["broken"],
-            "seconds": time.perf_counter() - t0,
-            "path": str(table.path),
-        }
-    if space.size(input) <= CALIBRATION_SAMPLES:
-        specs = space.enumerate(input)
-    else:
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-        specs = [space.suggest(study.ask(), input=input, grid=False) for _ in range(CALIBRATION_SAMPLES)]
-    res = calibrate_table(
-        specs,
-        table,
-        device=latency.device,
-        batch_size=latency.batch_size,
-        threads=latency.threads,
-        seed=seed,
-    )
-    if not res["broken"]:  # a broken architecture may be fixed by a code change: check again next time
-        summary = {k: res[k] for k in ("units", "fit", "broken")}
-        table.put(marker, {"ms": 0.0, **summary})
-        table.save()
-    return {**res, "seconds": time.perf_counter() - t0, "path": str(table.path)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Output directory state
 
 
 def apply_overrides(exp: Any, trials: int | None = None, epochs: int | None = None) -> Any:
@@ -369,23 +303,12 @@ def run_search(
 
         timings["mlflow_s"] = time.time() - t_start - timings.get("ray_init_s", 0.0)
         # The latency table, while nothing else runs on this machine (a local Ray is not started yet).
-        cal = calibrate_latency(exp.space, input_spec, exp.latency, seed=exp.search.seed)
+        latency_context = LatencyContext.from_config(exp.latency)
+        cal = calibrate_latency(exp.space, input_spec, latency_context, seed=exp.search.seed, name=exp.name)
         timings["latency_table_s"] = cal["seconds"]
-        say(
-            f"latency table: {cal['units']} units, {cal['measured']} measured now"
-            + (f", {cal['timed']} architectures timed end to end" if cal["timed"] else "")
-            + (
-                f", refit: {100 * cal['fit']['within_10_after']:.0f}% of {cal['fit']['archs']} within 10%"
-                if "within_10_after" in cal["fit"]
-                else ""
-            )
-            + f" ({cal['seconds']:.1f}s), cached in {cal['path']}"
-            + (
-                f"; {len(cal['broken'])} architectures could not be built ({cal['broken'][0]})"
-                if cal["broken"]
-                else ""
-            )
-        )
+        say(calibration_summary(cal))
+        if calibration_warning(cal["quality"], latency_context):
+            say(calibration_warning(cal["quality"], latency_context))
         import torch
 
         torch.set_num_threads(
@@ -604,21 +527,15 @@ def front_latencies(archs: Mapping[str, Any], input_size: Sequence[int], lat: An
     ``FRONT_ROUNDS`` rounds of 30 runs, the rounds interleaved across members (a burst lands on one
     round of several members, not on all rounds of one), and its latency is the lowest round median.
     """
-    from hybridnas.runners.measure import latency
+    from hybridnas.runners.latency import latency
     from hybridnas.search_space.build import build_model
 
+    ctx = LatencyContext.from_config(lat)
     models = {k: build_model(a) for k, a in archs.items()}
     best: dict[str, float] = {}
     for _ in range(FRONT_ROUNDS):
         for k, model in models.items():
-            ms = latency(
-                model,
-                input_size,
-                device=lat.device,
-                batch_size=lat.batch_size,
-                threads=lat.threads,
-                runs=30,
-            )["median_ms"]
+            ms = latency(model, input_size, ctx, runs=30)["median_ms"]
             best[k] = min(best.get(k, math.inf), ms)
     return best
 
@@ -641,7 +558,7 @@ def _finish(
     search's Ray has shut down); the runs are read back from MLflow before waiting for it.
     """
     from hybridnas.runners.export import ExportError, export_arch, load_runs
-    from hybridnas.runners.pareto import feasible_table, write_fronts
+    from hybridnas.runners.pareto import feasible_table, show_measured_latency, write_fronts
     from hybridnas.runners.store import front_tags, log_metrics, run_route
 
     try:
@@ -665,6 +582,7 @@ def _finish(
         log_metrics(client, run_id, {"latency_ms_measured": ms})
     df["latency_ms_measured"] = [measured.get(rid, math.nan) for rid in df["run_id"]]
     front["latency_ms_measured"] = [measured.get(rid, math.nan) for rid in front["run_id"]]
+    front = show_measured_latency(front)  # what the user sees: measured, the prediction beside it
     front_tags(client, measured.keys(), df["run_id"])
     names = mark_front(client, df, set(measured))
     df["run_name"] = [names.get(rid, "") for rid in df["run_id"]]

@@ -91,7 +91,7 @@ class ArchSuggester:
 
     def _lazy(self) -> None:
         if self._space is None:
-            from hybridnas.runners.measure import LatencyTable
+            from hybridnas.runners.latency_table import LatencyTable
             from hybridnas.search_space.space import SearchSpace
             from hybridnas.search_space.spec import InputSpec
 
@@ -101,17 +101,13 @@ class ArchSuggester:
 
     def measures(self, spec: Any) -> dict[str, float]:
         """MACs, flops, params (exact counts) and the predicted latency of ``spec``."""
-        from hybridnas.runners.measure import predict_latency, profile_spec
+        from hybridnas.runners.latency import LatencyContext
+        from hybridnas.runners.latency_table import predict_latency
+        from hybridnas.runners.macs import profile_spec
 
         self._lazy()
         prof = profile_spec(spec)
-        lat = predict_latency(
-            spec,
-            self._table,
-            device=self.latency["device"],
-            batch_size=self.latency["batch_size"],
-            threads=self.latency["threads"],
-        )
+        lat = predict_latency(spec, self._table, LatencyContext.from_config(self.latency))
         return {
             "macs": int(prof["macs"]),
             "flops": int(prof["flops"]),

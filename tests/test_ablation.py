@@ -141,3 +141,30 @@ def test_cli_rejects_bad_factor_before_training_and_existing_output(tmp_path, ca
     (tmp_path / "out" / "taken" / "ablation_state.json").write_text('{"parent_run_id": "r"}')
     assert cli.main(["ablate", str(_write(tmp_path, "taken", vary={"stages.1.mixer": ["window"]}))]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_crashed_ablation_leaves_its_parent_failed_and_resume_refuses_a_changed_file(
+    tmp_path, ray_local, monkeypatch
+):
+    import hybridnas.runners.ablation as ablation
+    from hybridnas.runners.resume import SearchError
+
+    path = _write(tmp_path, "crash", seeds=[0], vary={"stages.1.mixer": ["window"]})
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ablation, "write_outputs", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run_ablation(AblationStudy.from_yaml(path))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("crash").experiment_id], "tags.`hybridnas.kind` = 'ablation'"
+    )
+    assert parent.info.status == "FAILED" and "disk full" in parent.data.tags["hybridnas.error"]
+    # The file changes (another learning rate): its results would not be comparable.
+    changed = _write(
+        tmp_path, "crash", seeds=[0], vary={"stages.1.mixer": ["window"]}, train={"epochs": 1, "lr": 0.01}
+    )
+    with pytest.raises(SearchError, match="changed since"):
+        run_ablation(AblationStudy.from_yaml(changed), resume=True)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hybridnas.search_space.ablation import AblationStudy
 from hybridnas.search_space.errors import SpecError
@@ -110,3 +111,23 @@ def test_one_seed_warns_that_there_will_be_no_intervals():
 def test_shipped_ablation_files_load(name):
     s = AblationStudy.from_yaml(EXPERIMENTS / name)
     assert s.variants[0].is_base and len(s.variants) >= 3 and len(s.seeds) >= 2
+
+
+def test_an_ablation_file_without_a_name_is_named_after_the_file(tmp_path):
+    """Two unnamed files never share an output folder or an MLflow experiment."""
+    studies = []
+    for stem in ("mixers", "addons"):
+        path = tmp_path / f"{stem}.yaml"
+        path.write_text(yaml.safe_dump({"base": BASE, "vary": {"stages.1.mixer": ["window"]}}))
+        studies.append(AblationStudy.from_yaml(path))
+    assert [s.name for s in studies] == ["mixers", "addons"]
+    assert studies[0].out_dir != studies[1].out_dir
+    assert studies[0].tracking.experiment != studies[1].tracking.experiment
+
+
+def test_a_duplicated_key_in_an_ablation_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("base: {input: {channels: 1, size: 8, classes: 4}, stem: {channels: 8}, stages: []}\n"
+                    "seeds: [0]\nseeds: [1, 2]\nvary: {train.lr: [0.01]}\n")  # fmt: skip
+    with pytest.raises(SpecError, match=r"duplicate key 'seeds'"):
+        AblationStudy.from_yaml(path)

@@ -64,7 +64,12 @@ def test_defaults_are_filled():
         1,
     )
     assert (e.resources.cpu, e.resources.gpu) == (1.0, 0.0)
-    assert (e.latency.device, e.latency.batch_size, e.latency.threads) == ("cpu", 1, 1)
+    assert (e.latency.device, e.latency.batch_size, e.latency.threads, e.latency.clock) == (
+        "cpu",
+        1,
+        1,
+        "auto",
+    )
     assert e.tracking.uri is None and e.tracking.experiment == "mini"
     assert e.out_dir == "hybridnas_runs/mini"
     assert e.data.dataset == "mnist5k" and e.train.epochs == 3
@@ -142,6 +147,8 @@ ERRORS = [
     (exp(resources={"gpus": 1}), "resources.gpus", ["did you mean 'gpu'"]),
     (exp(latency={"device": "tpu"}), "latency.device", ["cpu, cuda"]),
     (exp(latency={"threads": 0}), "latency.threads", [">= 1"]),
+    (exp(latency={"clock": "wal"}), "latency.clock", ["auto, wall, cpu", "did you mean 'wall'"]),
+    (exp(latency={"clock": "cpu", "threads": 2}), "latency.clock", ["threads 1", "wall or auto"]),
     (exp(tracking={"uri": 5}), "tracking.uri", ["URI"]),
     (exp(serach={}), "serach", ["did you mean 'search'"]),
     ({"name": "t"}, "space", ["required"]),

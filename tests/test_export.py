@@ -24,7 +24,7 @@ from hybridnas.runners.export import (
     select,
 )
 from hybridnas.runners.files import atomic_write
-from hybridnas.runners.measure import profile_spec
+from hybridnas.runners.macs import profile_spec
 from hybridnas.runners.pareto import knee, non_dominated
 from hybridnas.runners.store import redact
 from hybridnas.search_space.spec import ArchSpec
@@ -349,3 +349,12 @@ def test_export_arch_refuses_a_row_without_an_architecture(tmp_path):
     with pytest.raises(ExportError, match="no architecture"):
         export_arch({"trial": "3", "val_acc": 0.5}, "demo", tmp_path / "x.yaml")
     assert not Path(tmp_path / "x.yaml").exists()
+
+
+def test_an_exported_measured_member_carries_its_measured_latency_and_the_prediction(runs, tmp_path):
+    row = dict(runs.iloc[0])
+    row["latency_ms_measured"] = 1.25 * row["latency_ms"]
+    spec = ArchSpec.from_yaml(export_arch(row, "demo", tmp_path / "measured.yaml"))
+    assert spec.metrics["latency_ms"] == pytest.approx(row["latency_ms_measured"])
+    assert spec.metrics["latency_ms_measured"] == pytest.approx(row["latency_ms_measured"])
+    assert spec.metrics["latency_ms_predicted"] == pytest.approx(row["latency_ms"])

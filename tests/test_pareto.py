@@ -21,6 +21,7 @@ from hybridnas.runners.pareto import (
     non_dominated,
     pareto_ranks,
     reference_point,
+    show_measured_latency,
     write_fronts,
 )
 
@@ -284,3 +285,66 @@ def test_write_fronts_of_a_single_objective_writes_no_plots(tmp_path):
     assert [p.name for p in paths] == ["pareto.csv", "front.md"]
     csv = pd.read_csv(paths[0])
     assert csv.loc[csv["pareto"], "val_acc"].tolist() == [csv["val_acc"].max()]
+
+
+def _plotly_traces(html: str) -> list[dict]:
+    """The figure's traces, as the page hands them to Plotly.newPlot."""
+    start = html.index("Plotly.newPlot(")
+    start = html.index("[", html.index(",", start))
+    traces, _ = json.JSONDecoder().raw_decode(html[start:])
+    return traces
+
+
+def _measured_trials():
+    """Trials whose front was measured end to end after the search: 30 % slower than predicted."""
+    df = _trials()
+    objs = [("val_acc", "max"), ("macs", "min"), ("latency_ms", "min")]
+    front = feasible_table(df, objs)
+    on_front = set(front.loc[front["pareto"], "trial"])
+    df["latency_ms_measured"] = [
+        round(1.3 * lat, 4) if t in on_front else math.nan for t, lat in zip(df["trial"], df["latency_ms"])
+    ]
+    return df, objs, on_front
+
+
+def test_csv_and_front_table_show_the_measured_latency_with_the_prediction_beside_it(tmp_path):
+    df, objs, on_front = _measured_trials()
+    [csv_path] = write_fronts(df, objs, tmp_path, plots=False)
+    csv = pd.read_csv(csv_path, dtype={"trial": str})
+    assert set(csv.loc[csv["pareto"], "trial"]) == on_front  # the front is the one the search chose
+    predicted = dict(zip(df["trial"], df["latency_ms"]))
+    for r in csv.itertuples():
+        assert r.latency_ms_predicted == pytest.approx(predicted[r.trial])
+        shown = 1.3 * predicted[r.trial] if r.trial in on_front else predicted[r.trial]
+        assert r.latency_ms == pytest.approx(shown, rel=1e-3)
+    assert list(csv.columns).index("latency_ms_predicted") == list(csv.columns).index("latency_ms") + 1
+    lines = front_table(df, objs).splitlines()
+    header = lines[0].split()
+    assert header[:4] == ["trial", "val_acc", "macs", "latency_ms"] and "latency_ms_predicted" in header
+    for line in lines[1:]:
+        cells = dict(zip(header, line.split()))
+        assert float(cells["latency_ms"]) == pytest.approx(
+            1.3 * float(cells["latency_ms_predicted"]), abs=2e-3
+        )
+
+
+def test_plots_put_measured_trials_at_their_measurement_and_draw_the_prediction_beside(tmp_path):
+    df, objs, on_front = _measured_trials()
+    write_fronts(df, objs, tmp_path)
+    traces = _plotly_traces((tmp_path / "pareto_val_acc_vs_latency_ms.html").read_text())
+    everyone, predicted = traces[0], next(t for t in traces if t["name"].startswith("predicted latency"))
+    shown = show_measured_latency(feasible_table(df, objs))
+    assert everyone["x"] == pytest.approx(shown["latency_ms"].tolist())
+    front_rows = shown[shown["trial"].isin(on_front)]
+    assert sorted(predicted["x"]) == pytest.approx(sorted(front_rows["latency_ms_predicted"]))
+    assert sorted(predicted["y"]) == pytest.approx(sorted(front_rows["val_acc"]))
+    # Without measurements nothing moves and no prediction marks are drawn.
+    write_fronts(_trials(), objs, tmp_path / "plain")
+    plain = _plotly_traces((tmp_path / "plain" / "pareto_val_acc_vs_latency_ms.html").read_text())
+    assert not any(t["name"].startswith("predicted latency") for t in plain)
+
+
+def test_showing_the_measured_latency_twice_changes_nothing():
+    df, objs, _ = _measured_trials()
+    once = show_measured_latency(feasible_table(df, objs))
+    pd.testing.assert_frame_equal(show_measured_latency(once), once)

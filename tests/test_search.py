@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -18,11 +19,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from hybridnas.runners import cli
+from hybridnas.runners.cli import front_text
 from hybridnas.runners.pareto import non_dominated
 from hybridnas.runners.search import SearchError, run_search
 from hybridnas.runners.store import child_runs
@@ -75,7 +78,7 @@ def _status(run) -> str:
 @pytest.fixture(scope="module")
 def grid_search(ray_local, tmp_path_factory):
     """A grid search over every architecture of a small space, some of them over the MACs budget."""
-    from hybridnas.runners.measure import profile_spec
+    from hybridnas.runners.macs import profile_spec
 
     tmp = tmp_path_factory.mktemp("grid")
     space = {
@@ -310,11 +313,23 @@ def test_pareto_tags_and_measured_latency_mark_exactly_the_front(grid_search):
         assert ("latency_ms_measured" in c.data.metrics) == bool(on_front)
     assert len(res.exported) == int(front.sum()) == len(res.front)
     for path in res.exported:  # the exported YAML rebuilds the logged model
-        from hybridnas.runners.measure import profile_spec
+        from hybridnas.runners.macs import profile_spec
 
         spec = ArchSpec.from_yaml(path)
         assert profile_spec(spec)["macs"] == spec.metrics["macs"]
         assert profile_spec(spec)["params"] == spec.metrics["params"]
+        # What the user sees is the measured latency, with the prediction beside it.
+        assert spec.metrics["latency_ms"] == spec.metrics["latency_ms_measured"]
+        assert spec.metrics["latency_ms_predicted"] > 0
+    assert (res.front["latency_ms"] == res.front["latency_ms_measured"]).all()
+    header, *rows = front_text(res.front, res.objectives).splitlines()
+    names = header.split()
+    assert names[:5] == ["trial", "val_acc", "macs", "params", "latency_ms"] and names[5] == "predicted_ms"
+    shown = {r.split()[0]: r.split()[4] for r in rows}
+    assert shown == {str(r["trial"]): f"{r['latency_ms_measured']:.3f}" for r in res.front.to_dict("records")}
+    csv = pd.read_csv(Path(exp.out_dir) / "pareto" / "pareto.csv", dtype={"trial": str})
+    on = csv[csv["pareto"]]
+    assert (on["latency_ms"] - on["latency_ms_measured"]).abs().max() < 1e-9
     # Logged after each finished trial from the first feasible one on, against a fixed reference.
     hv = sorted(client.get_metric_history(res.parent_run_id, "hypervolume"), key=lambda m: m.step)
     steps, values = [m.step for m in hv], [m.value for m in hv]
@@ -541,6 +556,31 @@ def test_resume_after_a_killed_driver_keeps_finished_trials_and_the_count(ray_lo
     assert state["parent_run_id"] == res.parent_run_id and state["finished"] is True
 
 
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "nsga3", "random"])
+def test_every_sampler_pickles_as_the_tuner_needs_and_samples_on_after_unpickling(name):
+    # Ray Tune pickles the searcher with its sampler when the Tuner is built; Optuna 5.1's NSGA-II/III
+    # samplers hold a threading.Lock, which failed every nsga2/nsga3 search (the quickstart's too).
+    import optuna
+
+    from hybridnas.runners.search import make_sampler
+
+    sampler = pickle.loads(pickle.dumps(make_sampler(name, seed=0, trials=12)))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=10)
+    assert len(study.trials) == 10  # population 4: two generations bred after the random one
+    pickle.dumps(sampler)  # and it still pickles with its generation cache filled
+
+
+def test_a_local_search_starts_its_own_ray_even_when_another_cluster_is_advertised():
+    # Another process's cluster (ray.cluster_utils, `ray start`) is advertised in RAY_ADDRESS or
+    # /tmp/ray/ray_current_cluster; a plain ray.init() joined it and then refused num_cpus.
+    code = "import ray; from hybridnas.runners.search import init_ray; assert init_ray(); print(ray.cluster_resources()['CPU'])"
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) == os.cpu_count()
+
+
 def test_resume_without_state_is_refused(tmp_path):
     exp = _experiment(tmp_path, "nothing", {"sampler": "random", "trials": 2})
     with pytest.raises(SearchError, match="nothing to resume"):
@@ -555,6 +595,7 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     import re
 
     from hybridnas.runners.bench import search as bench
+    from hybridnas.runners.machine import machine_line
 
     monkeypatch.chdir(tmp_path)
     search = {"sampler": "random", "trials": 3, "concurrency": 2, "seed": 0}
@@ -562,6 +603,7 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     _experiment(tmp_path, "bench", search)  # writes bench.yaml
     assert bench.main(argparse.Namespace(experiment=str(path), trials=3, epochs=1, quick=False)) == 0
     out = capsys.readouterr().out
+    assert out.splitlines()[0] == machine_line()  # which machine, before anything is measured
     wall = float(re.search(r"^  wall\s+([\d.]+)$", out, re.M).group(1))
     train = float(re.search(r"training time ([\d.]+) s in all", out).group(1))
     overhead = float(re.search(r"/ wall = ([\d.]+)%", out).group(1))
