@@ -277,7 +277,7 @@ def test_write_fronts_writes_csv_markdown_png_per_pair_and_one_page_with_plotly_
         assert f"trial {r.trial}<br>" in html
         assert json.dumps(float(r.val_acc)) in html  # the data itself
     assert "conv x2 c32 | acmix x1 c64 +ca" in html
-    assert "latency measured end to end" in html and "123.456" in html
+    assert "predicted latency (front, latency measured end to end)" in html and "123.456" in html
 
 
 def test_write_fronts_of_a_single_objective_writes_no_plots(tmp_path):
@@ -287,9 +287,11 @@ def test_write_fronts_of_a_single_objective_writes_no_plots(tmp_path):
     assert csv.loc[csv["pareto"], "val_acc"].tolist() == [csv["val_acc"].max()]
 
 
-def _plotly_traces(html: str) -> list[dict]:
-    """The figure's traces, as the page hands them to Plotly.newPlot."""
-    start = html.index("Plotly.newPlot(")
+def _plotly_traces(html: str, figure: int = 0) -> list[dict]:
+    """The traces of the page's ``figure``-th plot, as the page hands them to Plotly.newPlot."""
+    start = -1
+    for _ in range(figure + 1):
+        start = html.index("Plotly.newPlot(", start + 1)
     start = html.index("[", html.index(",", start))
     traces, _ = json.JSONDecoder().raw_decode(html[start:])
     return traces
@@ -331,7 +333,7 @@ def test_csv_and_front_table_show_the_measured_latency_with_the_prediction_besid
 def test_plots_put_measured_trials_at_their_measurement_and_draw_the_prediction_beside(tmp_path):
     df, objs, on_front = _measured_trials()
     write_fronts(df, objs, tmp_path)
-    traces = _plotly_traces((tmp_path / "pareto_val_acc_vs_latency_ms.html").read_text())
+    traces = _plotly_traces((tmp_path / "fronts.html").read_text(), figure=1)  # val_acc vs latency_ms
     everyone, predicted = traces[0], next(t for t in traces if t["name"].startswith("predicted latency"))
     shown = show_measured_latency(feasible_table(df, objs))
     assert everyone["x"] == pytest.approx(shown["latency_ms"].tolist())
@@ -340,7 +342,7 @@ def test_plots_put_measured_trials_at_their_measurement_and_draw_the_prediction_
     assert sorted(predicted["y"]) == pytest.approx(sorted(front_rows["val_acc"]))
     # Without measurements nothing moves and no prediction marks are drawn.
     write_fronts(_trials(), objs, tmp_path / "plain")
-    plain = _plotly_traces((tmp_path / "plain" / "pareto_val_acc_vs_latency_ms.html").read_text())
+    plain = _plotly_traces((tmp_path / "plain" / "fronts.html").read_text(), figure=1)
     assert not any(t["name"].startswith("predicted latency") for t in plain)
 
 
