@@ -46,6 +46,9 @@ class AblationResult:
     ui_command: str
     interrupted: bool = False
     stopped_by: str | None = None  # SIGINT | SIGTERM, when interrupted
+    experiment_id: str = ""
+    runs_url: str = ""  # the MLflow UI's runs table of the experiment (`runners.store.runs_url`)
+    parent_url: str = ""  # the MLflow UI's page of the study's parent run
 
 
 def ablation_trial(config: dict) -> None:
@@ -111,9 +114,18 @@ def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
     return done
 
 
-def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> str:
-    from hybridnas.runners.store import log_params
+EXPERIMENT_NOTE = (
+    "Ablations of hybrid conv/attention backbones by hybridnas: one parent run per study "
+    "(tag hybridnas.kind = ablation) holding its table (ablation.md, also its description) and "
+    "per-variant metrics (mean/, diff/, ci_low/, ci_high/), and one child run per variant and seed, "
+    "tagged variant, factor, value and seed (group the runs by the tag variant to chart them)."
+)
 
+
+def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> str:
+    from hybridnas.runners.store import describe_experiment, log_params, provenance_tags, search_id, set_tags
+
+    describe_experiment(client, exp_id, EXPERIMENT_NOTE)
     run = client.create_run(
         exp_id,
         run_name=study.name,
@@ -125,6 +137,7 @@ def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> 
         },
     )
     pid = run.info.run_id
+    set_tags(client, pid, provenance_tags(study.path, search_id(study.name, pid)))
     params = {
         "mode": study.mode,
         "seeds": ",".join(map(str, study.seeds)),
@@ -347,6 +360,7 @@ def _run_study(
             ui_command=tr.ui_command(uri),
             interrupted=True,
             stopped_by=reason,
+            **_urls(uri, exp_id, parent),
         )
     if not any(r["variant"] == "base" for r in results):
         client.set_terminated(parent, "FAILED")
@@ -357,10 +371,12 @@ def _run_study(
     files = write_outputs(rows, out, study)
     for f in files:
         client.log_artifact(parent, str(f))
-    for r in rows:
-        if r.variant != "base":
-            key = r.variant.replace("=", "_").replace(",", "").replace(" ", "")[:200]
-            tr.log_metrics(client, parent, {f"diff.{_metric_key(key)}": r.diff})
+    tr.log_metrics(client, parent, variant_metrics(rows))
+    note = (
+        f"hybridnas ablation `{study.path or study.name}`: {len(study.variants)} variants x {len(study.seeds)} "
+        f"seeds ({counts['ok']} ok, {counts['failed']} failed)\n\n"
+    )
+    client.set_tag(parent, "mlflow.note.content", note + files[0].read_text())  # files[0]: ablation.md
     client.set_terminated(parent, "FINISHED")
     say("")
     say(at.to_text(rows, study.confidence))
@@ -370,7 +386,6 @@ def _run_study(
         "difference to the base excludes zero (Welch's t-test)"
     )
     say("wrote " + ", ".join(shown(f) for f in files))
-    say(f"browse: {tr.ui_command(uri)}")
     return AblationResult(
         name=study.name,
         parent_run_id=parent,
@@ -382,12 +397,36 @@ def _run_study(
         skipped=len(done),
         counts=counts,
         ui_command=tr.ui_command(uri),
+        **_urls(uri, exp_id, parent),
     )
+
+
+def _urls(uri: str, exp_id: str, parent: str) -> dict[str, str]:
+    from hybridnas.runners import store as tr
+
+    return {
+        "experiment_id": exp_id,
+        "runs_url": tr.runs_url(uri, exp_id),
+        "parent_url": tr.run_url(uri, exp_id, parent),
+    }
+
+
+def variant_metrics(rows: list) -> dict[str, float]:
+    """The table as metrics of the parent run, one per statistic and variant: ``mean/<variant>``,
+    ``diff/<variant>`` (to the base), ``ci_low/<variant>`` and ``ci_high/<variant>`` (val_acc,
+    0-1). MLflow's chart view groups them by statistic, one chart per variant."""
+    out = {}
+    for r in rows:
+        key = _metric_key(r.variant.replace("stages.", "s").replace(", ", " ").replace("=", "_"))
+        out[f"mean/{key}"] = r.mean
+        if r.variant != "base":
+            out.update({f"diff/{key}": r.diff, f"ci_low/{key}": r.ci_low, f"ci_high/{key}": r.ci_high})
+    return out  # NaN bounds (a single seed) are left out by `store.log_metrics`
 
 
 def _metric_key(s: str) -> str:
     # MLflow metric names allow alphanumerics, _ - . / and spaces.
-    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in s)
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in s)[:200]
 
 
 def write_outputs(rows: list, out: Path, study: Any) -> list[Path]:

@@ -217,6 +217,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         f"{c['infeasible']} infeasible) in {res.wall_s / 60:.1f} min"
     )
     if res.interrupted:
+        _browse(res, "search run")
         return _interrupted(args, res.stopped_by, "search")
     if res.front is not None and len(res.front):
         goals = ", ".join(f"{m} ({mode})" for m, mode in res.objectives)
@@ -232,13 +233,21 @@ def _cmd_search(args: argparse.Namespace) -> int:
         for p in res.exported:
             print(f"  {shown(p)}")
     if res.pareto_files:
-        print(
-            f"plots and table: {shown(res.pareto_files[0].parent)}/ (pareto.csv, pareto_*.png, pareto_*.html)"
+        names = ", ".join(
+            sorted({p.name if "_vs_" not in p.name else "pareto_*" + p.suffix for p in res.pareto_files})
         )
-    print(f"browse in MLflow: {res.ui_command}")
+        print(f"front table and plots: {shown(res.pareto_files[0].parent)}/ ({names})")
+    _browse(res, "search run")
     if res.exported:
         print(f"train one further: hybridnas train {shown(res.exported[0])} --epochs 10")
     return 0
+
+
+def _browse(res: Any, what: str) -> None:
+    """Where to look in MLflow: the command that serves the UI, the runs table, the parent run."""
+    print(f"browse in MLflow: {res.ui_command}")
+    print(f"  runs:       {res.runs_url}")
+    print(f"  {what + ':':<11} {res.parent_url}")
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
@@ -272,6 +281,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         out_dir=args.out,
         progress=_say,
     )
+    _browse(res, "study run")
     return _interrupted(args, res.stopped_by, "ablation") if res.interrupted else 0
 
 

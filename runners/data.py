@@ -501,3 +501,30 @@ def input_for(data_cfg: Any) -> Any:
 
     shape = prepare_data(data_cfg)
     return InputSpec(channels=shape.channels, size=shape.size, classes=shape.classes)
+
+
+def dataset_info(ds: Dataset, cfg: DataConfig) -> dict[str, Any]:
+    """What MLflow records of the data a run trained on (`runners.store.log_dataset`): the name,
+    the folder it was read from (cifar, imagefolder) and, per split, its size, shape and a digest of
+    its contents (10 hex digits of a SHA-256 over the images, the labels and their shapes), so two
+    runs that trained on the same images show the same digest."""
+    import hashlib
+
+    def split(x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for a in (x, y):
+            arr = np.ascontiguousarray(a.numpy())
+            h.update(repr((arr.dtype.str, arr.shape)).encode())
+            h.update(arr.tobytes())
+        return {"rows": int(len(y)), "shape": list(x.shape[1:]), "digest": h.hexdigest()[:10]}
+
+    root = None
+    if cfg.dataset in ("cifar10", "cifar100", "imagefolder"):
+        root = str(Path(cfg.root).expanduser().resolve()) if cfg.root else str(default_root(cfg.dataset))
+    return {
+        "name": ds.name,
+        "root": root,
+        "classes": ds.classes,
+        "train": split(ds.train_x, ds.train_y),
+        "val": split(ds.val_x, ds.val_y),
+    }

@@ -42,7 +42,7 @@ from hybridnas.runners.pareto import (
 )
 from hybridnas.search_space.errors import UserError, did_you_mean
 
-COLUMNS = ("run_id", "trial", "status", *METRIC_COLUMNS, "arch", "arch_hash", "parent_run_id")
+COLUMNS = ("run_id", "trial", "run_name", "status", *METRIC_COLUMNS, "arch", "arch_hash", "parent_run_id")
 COUNT_METRICS = ("macs", "flops", "params")  # logged as floats by MLflow; exact integers below 2**53
 # latency_ms: measured where the trial was measured, else predicted; the prediction beside it.
 EXPORTED_METRICS = (
@@ -93,7 +93,7 @@ def load_runs(
     """One row per finished (``hybridnas.status=ok``) trial of the latest search in ``experiment``
     (or of the search run ``parent_run_id``).
 
-    Columns: run_id, trial, status, val_acc, macs, flops, params, latency_ms,
+    Columns: run_id, trial, run_name, status, val_acc, macs, flops, params, latency_ms,
     latency_ms_measured, train_time_s, imgs_per_s, arch (an ArchSpec from the run's arch.yaml),
     arch_hash, parent_run_id. ``df.attrs`` holds experiment, parent_run_id, tracking_uri,
     objectives (``[(metric, mode)]`` from the parent's ``hybridnas.objectives`` tag), counts and
@@ -170,10 +170,15 @@ def load_runs(
                 _warn(f"trial {trial} (run {run.info.run_id}) skipped: no readable arch.yaml ({e})")
                 continue
             m = run.data.metrics
-            row = {c: m.get(c, math.nan) for c in COLUMNS if c not in ("run_id", "trial", "status", "arch")}
+            row = {
+                c: m.get(c, math.nan)
+                for c in COLUMNS
+                if c not in ("run_id", "trial", "run_name", "status", "arch")
+            }
             row.update(
                 run_id=run.info.run_id,
                 trial=str(trial),
+                run_name=run.info.run_name or "",
                 status="ok",
                 arch=arch,
                 arch_hash=run.data.tags.get("hybridnas.arch_hash", arch.arch_hash()),

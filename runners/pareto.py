@@ -194,6 +194,37 @@ def reference_point(
     return np.asarray(ref, dtype=float)
 
 
+# The best value each metric can take, where it has one: accuracy tops out at 1, every other
+# hybridnas metric is a count or a time (>= 0, best at 0 when minimised).
+_UPPER = {"val_acc": 1.0}
+
+
+def ideal_point(objectives: Iterable[Any]) -> np.ndarray | None:
+    """The best point the objectives can reach in principle (0 for a minimised metric, 1 for
+    accuracy); None when a maximised objective has no upper bound."""
+    ideal = []
+    for metric, mode in objective_pairs(objectives):
+        if mode == "min":
+            ideal.append(0.0)
+        elif metric in _UPPER:
+            ideal.append(_UPPER[metric])
+        else:
+            return None
+    return np.asarray(ideal, dtype=float)
+
+
+def normalized_hypervolume(
+    value: float, objectives: Iterable[Any], reference: Sequence[float]
+) -> float | None:
+    """``value`` as a share of the box between the reference and the ideal point (0-1): 1 would be
+    an architecture with perfect accuracy and no cost. None without an ideal point or box."""
+    ideal = ideal_point(objectives)
+    if ideal is None:
+        return None
+    box = float(np.prod(np.abs(np.asarray(reference, dtype=float) - ideal)))
+    return value / box if box > 0 and math.isfinite(box) else None
+
+
 class HypervolumeTracker:
     """Hypervolume after each finished trial of a search, with the reference fixed at the first one.
 
@@ -228,6 +259,14 @@ class HypervolumeTracker:
         if not self.points:
             return 0.0
         return hypervolume(np.array(self.points), self.modes, self.reference)
+
+    @property
+    def normalized(self) -> float | None:
+        """`value` as a share of the reference box (`normalized_hypervolume`); None before the
+        first point or when the objectives have no ideal point."""
+        if self.reference is None:
+            return None
+        return normalized_hypervolume(self.value, self.objectives, self.reference)
 
 
 def knee(points: Any, modes: Sequence[str]) -> int:
@@ -458,83 +497,6 @@ def _png(t, y, x, front2, title) -> bytes:
     return buf.getvalue()
 
 
-def _hover(r: Mapping[str, Any], metrics: list[str]) -> str:
-    lines = [f"trial {r.get('trial', '')}", str(r.get("arch_summary", ""))]
-    lines += [f"{m}: {human(r.get(m), m)}" for m in metrics if m in r]
-    if r.get("run_id"):
-        lines.append(f"run {r['run_id']}")
-    return "<br>".join(lines)
-
-
-def _html(t, y, x, front2, title, metrics) -> str:
-    import plotly.graph_objects as go
-    import plotly.io as pio
-
-    (ym, ymode), (xm, xmode) = y, x
-
-    def trace(rows: pd.DataFrame, **kw) -> go.Scatter:
-        # Plain lists, not numpy arrays: plotly >= 6 would base64-encode arrays in the page.
-        return go.Scatter(
-            x=rows[xm].astype(float).tolist(),
-            y=rows[ym].astype(float).tolist(),
-            hovertext=[_hover(r, metrics) for r in rows.to_dict("records")],
-            hoverinfo="text",
-            **kw,
-        )
-
-    fig = go.Figure()
-    fig.add_trace(
-        trace(t, mode="markers", name=f"all feasible trials ({len(t)})", marker={"color": "#a6a6a6"})
-    )
-    full_only = t["pareto"].to_numpy() & ~front2
-    if full_only.any():
-        fig.add_trace(
-            trace(
-                t[full_only],
-                mode="markers",
-                name="on the front of all objectives",
-                marker={"color": "rgba(0,0,0,0)", "size": 11, "line": {"color": "#ff7f0e", "width": 2}},
-            )
-        )
-    rows, px, py = _predicted_positions(t, xm, ym)
-    if len(rows):  # the measured trials sit at their measurement; their prediction is drawn beside
-        fig.add_trace(
-            go.Scatter(
-                x=px,
-                y=py,
-                mode="markers",
-                name="predicted latency (measured trials)",
-                marker={"symbol": "x", "color": "#595959", "size": 7},
-                hovertext=[_hover(r, metrics) for r in rows.to_dict("records")],
-                hoverinfo="text",
-            )
-        )
-    f = t[front2].sort_values(xm, kind="stable")
-    fig.add_trace(
-        trace(
-            f,
-            mode="lines+markers",
-            name=f"Pareto front: {ym} vs {xm}",
-            line={"shape": "hv" if _step_where(xmode) == "post" else "vh", "color": "#1f77b4"},
-            marker={"size": 10, "color": "#1f77b4"},
-        )
-    )
-    fig.update_layout(
-        title=title,
-        template="plotly_white",
-        xaxis_title=_label(xm, xmode),
-        yaxis_title=_label(ym, ymode),
-        legend={"orientation": "h", "y": -0.2},
-    )
-    for metric, update in ((xm, fig.update_xaxes), (ym, fig.update_yaxes)):
-        if metric in LOG_AXES and (t[metric] > 0).all():
-            update(type="log")
-        if metric == "val_acc":
-            update(tickformat=".1%")
-    # Embed plotly.js (~4 MB): the page must open offline and inside the MLflow UI's artifact view.
-    return pio.to_html(fig, include_plotlyjs=True, full_html=True)
-
-
 def write_fronts(
     df: pd.DataFrame,
     objectives: Iterable[Any],
@@ -543,18 +505,22 @@ def write_fronts(
     *,
     csv: bool = True,
     plots: bool = True,
+    link: Any = None,
 ) -> list[Path]:
-    """Write ``pareto.csv`` and, for each pair of objectives, ``pareto_<a>_vs_<b>.png``/``.html``.
+    """Write ``pareto.csv``, ``front.md``, ``fronts.html`` and a ``pareto_<a>_vs_<b>.png`` per pair.
 
     ``df`` has one row per trial with the objective columns, ``trial``, and optionally ``status``
-    (only ``ok`` rows are used), ``run_id`` and ``arch`` (an ArchSpec, summarised per stage). The
-    CSV holds every feasible trial with its ``pareto`` flag and non-dominated ``rank``. In each plot
-    ``a`` is on the y axis and ``b`` on the x axis; the front of that pair is connected as the
-    attainment staircase and the front of all objectives is ringed. Files are written atomically.
-    Where a trial's latency was measured end to end, the CSV and the plots show the measurement as
-    ``latency_ms`` and the prediction beside it (`show_measured_latency`). Returns the written paths
-    (CSV first). ``csv=False`` / ``plots=False`` leave out the CSV / the plots.
+    (only ``ok`` rows are used), ``run_id``, ``run_name``, ``latency_ms_measured`` and ``arch`` (an
+    ArchSpec, summarised per stage). The CSV holds every feasible trial with its ``pareto`` flag
+    and non-dominated ``rank``; ``front.md`` the front as a markdown table
+    (`runners.front_report.front_markdown`, its runs linked by ``link(run_id)`` when given);
+    ``fronts.html`` one interactive page with every pair (`runners.front_report.fronts_page`). In
+    each plot ``a`` is on the y axis and ``b`` on the x axis; the front of that pair is connected as
+    the attainment staircase and the front of all objectives is ringed. Files are written
+    atomically. Returns the written paths (CSV first). ``csv=False`` / ``plots=False`` leave out
+    the CSV / everything else.
     """
+    from hybridnas.runners import front_report
     from hybridnas.runners.files import atomic_write
 
     objs = objective_pairs(objectives)
@@ -564,14 +530,13 @@ def write_fronts(
     paths = [atomic_write(out / "pareto.csv", _csv_frame(t, objs).to_csv(index=False))] if csv else []
     if len(t) == 0 or not plots:
         return paths
-    metrics = [m for m, _ in objs] + [
-        c for c in ("val_acc", "macs", "params", "latency_ms", "latency_ms_predicted") if c not in dict(objs)
-    ]
+    paths.append(atomic_write(out / "front.md", front_report.front_markdown(df, objs, title or "", link)))
+    if len(objs) < 2:
+        return paths
     for y, x in itertools.combinations(objs, 2):
         front2 = non_dominated(t[[y[0], x[0]]].to_numpy(dtype=float), [y[1], x[1]])
-        name = f"pareto_{y[0]}_vs_{x[0]}"
         head = f"{title}: " if title else ""
         caption = f"{head}{y[0]} vs {x[0]} ({int(front2.sum())} on the front)"
-        paths.append(atomic_write(out / f"{name}.png", _png(t, y, x, front2, caption)))
-        paths.append(atomic_write(out / f"{name}.html", _html(t, y, x, front2, caption, metrics)))
+        paths.append(atomic_write(out / f"pareto_{y[0]}_vs_{x[0]}.png", _png(t, y, x, front2, caption)))
+    paths.append(atomic_write(out / "fronts.html", front_report.fronts_page(df, objs, title or "")))
     return paths

@@ -137,11 +137,24 @@ class SearchResult:
     timings: dict[str, float]  # mlflow_s, latency_table_s, ray_init_s, tune_s, finish_s
     ui_command: str
     stopped_by: str | None = None  # SIGINT | SIGTERM | store, when interrupted
+    experiment_id: str = ""
+    runs_url: str = ""  # the MLflow UI's runs table of the experiment (`runners.store.runs_url`)
+    parent_url: str = ""  # the MLflow UI's page of the search's parent run
+
+
+EXPERIMENT_NOTE = (
+    "Searches of hybrid conv/attention backbones by hybridnas: one parent run per search "
+    "(tag hybridnas.kind = search) holding its summary, the front (front.md, fronts.html) and the "
+    "exported architectures, and one child run per trial, named after what the search varied. "
+    "Filter one search with tags.hybridnas.search_id; the runs' status column says which trials "
+    "trained (Finished), failed (Failed) or never trained (Killed: infeasible)."
+)
 
 
 def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> str:
-    from hybridnas.runners.store import log_params
+    from hybridnas.runners.store import describe_experiment, log_params, provenance_tags, search_id, set_tags
 
+    describe_experiment(client, exp_id, EXPERIMENT_NOTE)
     objectives = [[o.metric, o.mode] for o in exp.objectives]
     run = client.create_run(
         exp_id,
@@ -154,6 +167,7 @@ def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> st
         },
     )
     pid = run.info.run_id
+    set_tags(client, pid, provenance_tags(exp.path, search_id(exp.name, pid)))
     params = {
         "sampler": exp.search.sampler,
         "seed": exp.search.seed,
@@ -402,6 +416,7 @@ def _search(
             constraints,
             total_trials=n_trials,
             say=progress if callable(progress) else None,
+            varied=[p.name for p in exp.space.params()],
         )
         tune_path = out / TUNE_DIR
         replays = None
@@ -524,6 +539,9 @@ def _search(
         calibration=cal,
         timings=timings,
         ui_command=tr.ui_command(uri),
+        experiment_id=exp_id,
+        runs_url=tr.runs_url(uri, exp_id),
+        parent_url=tr.run_url(uri, exp_id, parent),
     )
 
 
@@ -590,19 +608,21 @@ def _finish(
     say: Any,
     quiet: Callable[[], Any] | None = None,
 ) -> tuple[Any, list[Path], list[Path]]:
-    """Measure the front, tag it, plot it, export it, log it all on the parent run.
+    """Measure the front, mark it, plot it, export it, log it all on the parent run.
 
     ``quiet()``, when given, returns once the machine is quiet enough to time the front (the
     search's Ray has shut down); the runs are read back from MLflow before waiting for it.
     """
     from hybridnas.runners.export import ExportError, export_arch, load_runs
     from hybridnas.runners.pareto import feasible_table, show_measured_latency, write_fronts
-    from hybridnas.runners.store import front_tags, log_metrics
+    from hybridnas.runners.store import front_tags, log_metrics, run_route
 
     try:
         df = load_runs(exp.tracking.experiment, uri, parent_run_id=parent)
     except ExportError as e:
         say(f"no Pareto front: {e}")
+        if quiet is not None:
+            quiet()
         return None, [], []
     t = feasible_table(df, objectives)
     front = t[t["pareto"]].reset_index(drop=True)
@@ -620,7 +640,13 @@ def _finish(
     front["latency_ms_measured"] = [measured.get(rid, math.nan) for rid in front["run_id"]]
     front = show_measured_latency(front)  # what the user sees: measured, the prediction beside it
     front_tags(client, measured.keys(), df["run_id"])
-    files = write_fronts(df, objectives, out / "pareto", title=exp.name)
+    names = mark_front(client, df, set(measured))
+    df["run_name"] = [names.get(rid, "") for rid in df["run_id"]]
+    front["run_name"] = [names.get(rid, "") for rid in front["run_id"]]
+    # Relative links: they open inside the MLflow UI that shows front.md, whatever its address.
+    files = write_fronts(
+        df, objectives, out / "pareto", title=exp.name, link=lambda rid: run_route(exp_id, rid)
+    )
     for f in files:
         client.log_artifact(parent, str(f))
     export_dir = out / "exported"
@@ -643,7 +669,53 @@ def _finish(
     if exported:
         client.log_artifacts(parent, str(export_dir), "exported")
     client.set_tag(parent, "hybridnas.front_size", str(len(front)))
+    summary = client.get_run(parent).data.metrics  # the callback's n_* and hypervolume, latest values
+    log_metrics(client, parent, {"front_size": len(front)}, step=int(summary.get("n_done", 0)))
+    front_md = next((f for f in files if f.name == "front.md"), None)
+    if front_md is not None:  # the run's description: what the run page shows first
+        note = search_note(exp, {**summary, "front_size": len(front)}, objectives)
+        client.set_tag(parent, "mlflow.note.content", note + "\n\n" + front_md.read_text())
     return front, exported, files
+
+
+def search_note(exp: Any, metrics: Mapping[str, float], objectives: Sequence[tuple[str, str]]) -> str:
+    """One paragraph on a finished search: what ran, how it went, the front and its hypervolume."""
+    from hybridnas.runners.pareto import human
+    from hybridnas.runners.store import FINISHED
+
+    order = {f"n_{s}": i for i, s in enumerate(FINISHED)}
+    keys = sorted(
+        (k for k in metrics if k.startswith("n_") and k != "n_done"), key=lambda k: order.get(k, 99)
+    )
+    counts = ", ".join(f"{int(metrics[k])} {k[2:]}" for k in keys)
+    text = (
+        f"hybridnas search `{exp.path or exp.name}`: {int(metrics.get('n_done', 0))} trials ({counts}); "
+        f"{int(metrics.get('front_size', 0))} on the front of "
+        + ", ".join(f"{m} ({mode})" for m, mode in objectives)
+    )
+    best = [f"{m} {human(metrics[f'best_{m}'], m)}" for m, _ in objectives if f"best_{m}" in metrics]
+    if best:
+        text += "; best " + ", best ".join(best)
+    if "hypervolume_norm" in metrics:
+        text += (
+            f"; hypervolume {metrics['hypervolume_norm']:.3f} of its reference box "
+            f"({metrics['hypervolume']:.4g} raw)"
+        )
+    return text + "."
+
+
+def mark_front(client: Any, df: Any, front: set[str]) -> dict[str, str]:
+    """Rename the finished trials' runs so that exactly the front's carry ``[front]``
+    (`runners.run_names`); returns run id -> name."""
+    from hybridnas.runners.run_names import marked, unmarked
+    from hybridnas.runners.store import rename
+
+    names = {}
+    for rid, current in zip(df["run_id"], df["run_name"]):
+        name = marked(unmarked(str(current)), front=rid in front)
+        rename(client, rid, name, current)
+        names[rid] = name
+    return names
 
 
 # ---------------------------------------------------------------------------------------------

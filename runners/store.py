@@ -41,6 +41,26 @@ EPOCH_METRICS = ("train_loss", "val_acc")
 FINISHED = ("ok", "failed", "infeasible")
 
 
+# MLflow has five run statuses (RUNNING, SCHEDULED, FINISHED, FAILED, KILLED). A run that never
+# trained (infeasible) or was cut short (stopped) did not finish and did not fail: KILLED, MLflow's
+# "ended before completing", so only trained runs read as a success; hybridnas.status says which.
+RUN_STATUS = {"ok": "FINISHED", "failed": "FAILED", "infeasible": "KILLED", "stopped": "KILLED"}
+
+# Where `mlflow ui` serves a local store (its --host and --port defaults in MLflow 3).
+UI_DEFAULT_URL = "http://127.0.0.1:5000"
+
+# The tags that tie the runs of one search (or ablation) together and say what produced them: set
+# on the parent, copied onto every child run.
+SHARED_TAGS = (
+    "hybridnas.search_id",
+    "hybridnas.version",
+    "hybridnas.git_commit",
+    "mlflow.source.name",
+    "mlflow.source.type",
+    "mlflow.source.git.commit",
+)
+
+
 _TAG_MAX = 5000  # MLflow caps tag values at 8000 characters; an error's tail is what matters
 
 
@@ -125,6 +145,33 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
 
 
+def ui_base_url(uri: str) -> str:
+    """The address of the MLflow UI for this store: a tracking server serves its own UI (without
+    the credentials in its URI); a SQLite or file store is served by `mlflow ui` at its default."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return UI_DEFAULT_URL
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def runs_url(uri: str, exp_id: str) -> str:
+    """The experiment's runs table. MLflow 3's UI opens an experiment on its GenAI overview; the
+    ``workflowType=machine_learning`` query (read by the UI's workflow switch) opens the runs."""
+    return f"{ui_base_url(uri)}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
+def run_route(exp_id: str, run_id: str) -> str:
+    """The UI's own link to a run (``#/experiments/<id>/runs/<run id>``): relative, so it works in a
+    page the UI shows (a markdown artifact, a run's description), whatever the UI's address."""
+    return f"#/experiments/{exp_id}/runs/{run_id}"
+
+
+def run_url(uri: str, exp_id: str, run_id: str) -> str:
+    """The page of one run."""
+    return f"{ui_base_url(uri)}/{run_route(exp_id, run_id)}"
+
+
 def open_existing(tracking_uri: str | None) -> tuple[Any, str]:
     """``(client, uri)`` for a store that already exists (export, pareto): never creates an empty
     database by accident. Relative SQLite paths become absolute, so provenance names the store.
@@ -201,6 +248,84 @@ def experiment_id(client: Any, name: str) -> str:
             if not attempts:
                 raise
             time.sleep(0.2)  # another search created it a moment ago: look again
+
+
+def describe_experiment(client: Any, exp_id: str, text: str) -> None:
+    """Give the experiment a description (the ``mlflow.note.content`` tag the UI shows), unless it
+    has one: a description someone wrote stays."""
+    exp = client.get_experiment(exp_id)
+    if not (exp.tags or {}).get("mlflow.note.content"):
+        client.set_experiment_tag(exp_id, "mlflow.note.content", text)
+
+
+def provenance_tags(source: str | os.PathLike | None, search_id: str) -> dict[str, str]:
+    """The `SHARED_TAGS` of a search or ablation: its id, the hybridnas version and commit, and the
+    experiment file as the MLflow source, with the commit of the git checkout that holds it."""
+    from hybridnas import __version__
+
+    tags = {"hybridnas.search_id": search_id, "hybridnas.version": __version__}
+    own = _git_commit(Path(__file__).resolve().parent)
+    if own:
+        tags["hybridnas.git_commit"] = own
+    if source:
+        path = Path(source).expanduser().resolve()
+        tags.update({"mlflow.source.name": str(path), "mlflow.source.type": "LOCAL"})
+        commit = _git_commit(path.parent)
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit(folder: Path) -> str | None:
+    """HEAD of the git checkout holding ``folder``; None outside one (or without git)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def search_id(name: str, parent_run_id: str) -> str:
+    """The value of ``hybridnas.search_id``: readable, and unique as its parent run is."""
+    return f"{name}-{parent_run_id[:8]}"
+
+
+def log_dataset(client: Any, run_id: str, info: Mapping[str, Any]) -> None:
+    """Log the data a run trained on as MLflow dataset inputs: the training and the validation split,
+    each with its name, digest and size (`runners.data.dataset_info` describes them).
+
+    Built from `mlflow.entities` and logged with `MlflowClient.log_inputs`, without the arrays:
+    the driver never loads the data, the trial that did reports what it trained on.
+    """
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    if info.get("root"):
+        source_type, source = "local", {"uri": str(info["root"])}
+    else:
+        source_type, source = "code", {"tags": {"hybridnas.dataset": str(info["name"])}}
+    inputs = []
+    for context, split in (("training", "train"), ("validation", "val")):
+        part = info.get(split)
+        if not part:
+            continue
+        profile = {"num_rows": part["rows"], "shape": part["shape"], "classes": info.get("classes")}
+        dataset = Dataset(
+            name=str(info["name"]),
+            digest=str(part["digest"]),
+            source_type=source_type,
+            source=json.dumps(source),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -298,6 +423,12 @@ def headline(error: str) -> str:
         if _EXC_LINE.match(line):
             return line
     return lines[0] if lines else "unknown error"
+
+
+def rename(client: Any, run_id: str, name: str, current: str | None = None) -> None:
+    """Set a run's name (`MlflowClient.update_run`); nothing to do when it has it already."""
+    if name != current:
+        client.update_run(run_id, name=name)
 
 
 def front_tags(client: Any, run_ids: Iterable[str], all_runs: Iterable[str]) -> None:

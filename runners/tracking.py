@@ -10,14 +10,22 @@ of whichever process happens to log.
 Layout (read back by `runners.export` and `runners.pareto`):
 
 - parent run (one per search): tags ``hybridnas.kind=search``, ``hybridnas.objectives`` (JSON
-  ``[[metric, mode], ...]``); params sampler, seed, trials, ...; metric ``hypervolume`` with
-  step = number of finished trials; artifacts experiment.yaml, resolved_config.json and, at the
-  end, pareto.csv, pareto_<a>_vs_<b>.png/html and exported/*.yaml.
-- child run (one per trial): tags ``mlflow.parentRunId``, ``hybridnas.kind=trial``,
+  ``[[metric, mode], ...]``) and the `SHARED_TAGS` (``hybridnas.search_id``, version, source);
+  params sampler, seed, trials, ...; after each finished trial (step = trials finished) the metrics
+  ``n_ok``, ``n_failed``, ``n_infeasible``, ``n_done``, ``best_<objective>`` and, with several
+  objectives, ``hypervolume`` and ``hypervolume_norm`` (0-1, the share of its reference box);
+  the dataset inputs; artifacts experiment.yaml, resolved_config.json and, at the end (see
+  `runners.search`), the front's table and plots and exported/*.yaml.
+- child run (one per trial), named by `runners.run_names` (``t07 s1:window+ca c32``, outcome
+  marks such as ``[infeasible]``): tags ``mlflow.parentRunId``, ``hybridnas.kind=trial``,
   ``hybridnas.trial`` (the Optuna trial number), ``hybridnas.status`` (running | ok | failed |
-  infeasible), ``hybridnas.arch_hash``, ``hybridnas.error`` (failed), ``pareto=true`` (front members);
-  params = the flattened architecture; metrics train_loss and val_acc per epoch (step = epoch) and
-  the finals; artifact arch.yaml.
+  infeasible), ``hybridnas.arch`` (the architecture on one line), ``hybridnas.arch_hash``,
+  ``hybridnas.error`` (failed), ``pareto=true`` (front members), the `SHARED_TAGS`; MLflow status
+  `RUN_STATUS` (FINISHED, FAILED, KILLED for never trained); params = the flattened architecture;
+  metrics of the architecture (macs, flops, params, latency_ms) at step 0 from its start, of its
+  training (train_time_s, imgs_per_s) at step 0 when it trained, train_loss and val_acc per epoch
+  (step = epoch; the final val_acc is the last epoch's point, never a second series); the dataset
+  inputs it trained on; artifact arch.yaml.
 """
 
 from __future__ import annotations
@@ -30,22 +38,30 @@ from typing import Any
 
 from ray.tune import Callback
 
+from hybridnas.runners import run_names
 from hybridnas.runners.fmt import human
 from hybridnas.runners.store import (
     EPOCH_METRICS,
-    FINAL_METRICS,
     FINISHED,
+    RUN_STATUS,
+    SHARED_TAGS,
     _clip,
     _finite,
     child_runs,
     close_unfinished_run,
     headline,
+    log_dataset,
     log_metrics,
     log_params,
     make_client,
+    rename,
     set_tags,
 )
 from hybridnas.runners.trial import TrialConfig
+
+ARCH_METRICS = ("macs", "flops", "params", "latency_ms")  # known before training: step 0 from the start
+TRAINING_METRICS = ("train_time_s", "imgs_per_s")  # one value per trained run: step 0 at its end
+
 
 # ---------------------------------------------------------------------------------------------
 # The driver's side of the callback
@@ -99,6 +115,7 @@ class MlflowSearchCallback(Callback):
         constraints: Mapping[str, Any] | None = None,
         total_trials: int = 0,
         say: Callable[[str], None] | None = None,
+        varied: Sequence[str] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -108,6 +125,8 @@ class MlflowSearchCallback(Callback):
             k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in (constraints or {}).items()
         }
         self.total_trials = total_trials
+        # The search space's parameter names: what child run names show (`run_names.varied_summary`).
+        self.varied = list(varied or ())
         self._say = say
         self._reset()
 
@@ -119,7 +138,9 @@ class MlflowSearchCallback(Callback):
         self._by_hash: dict[str, str] = {}
         self._done: set[str] = set()  # Ray trial ids whose child run is finished
         self._epochs_logged: dict[str, int] = {}
-        self._counts = {"ok": 0, "failed": 0, "infeasible": 0}
+        self._counts = dict.fromkeys(FINISHED, 0)
+        self._shared: dict[str, str] = {}  # the parent's SHARED_TAGS, copied onto each child
+        self._dataset_logged = False  # on the parent
         self._hv = None
         self._best: tuple[float, str] | None = None
         self._t0 = time.monotonic()
@@ -137,6 +158,8 @@ class MlflowSearchCallback(Callback):
             "_hv",
             "_best",
             "_say",
+            "_shared",
+            "_dataset_logged",
         ):
             state.pop(k, None)
         return state
@@ -170,6 +193,8 @@ class MlflowSearchCallback(Callback):
         self._t0 = time.monotonic()
         client = self.client
         parent = client.get_run(self.parent_run_id)
+        self._shared = {k: parent.data.tags[k] for k in SHARED_TAGS if k in parent.data.tags}
+        self._dataset_logged = bool(parent.inputs and parent.inputs.dataset_inputs)
         ref = parent.data.tags.get("hybridnas.hv_reference")
         self._hv = HypervolumeTracker(
             self.objectives, self.constraints, reference=json.loads(ref) if ref else None
@@ -233,12 +258,14 @@ class MlflowSearchCallback(Callback):
         client = self.client
         run = client.create_run(
             self.experiment_id,
-            run_name=f"trial-{number}",
+            run_name=self._name(cfg, spec),
             tags={
                 "mlflow.parentRunId": self.parent_run_id,
                 "hybridnas.kind": "trial",
                 "hybridnas.trial": number,
                 "hybridnas.ray_trial_id": tid,
+                **self._shared,
+                "hybridnas.arch": run_names.arch_line(spec),
                 "hybridnas.arch_hash": spec.arch_hash(),
                 "hybridnas.status": "running",
                 "hybridnas.optuna_params": json.dumps(cfg.get("optuna_params") or {}, sort_keys=True),
@@ -250,6 +277,8 @@ class MlflowSearchCallback(Callback):
         run_id = run.info.run_id
         self._runs[tid] = run_id
         log_params(client, run_id, spec.flat_params())
+        predicted = cfg.get("predicted") or {}
+        log_metrics(client, run_id, {k: predicted.get(k) for k in ARCH_METRICS}, step=0)
         client.log_text(run_id, spec.to_yaml(), "arch.yaml")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -290,17 +319,15 @@ class MlflowSearchCallback(Callback):
             self.on_trial_start(0, trials, trial)
         run_id = self._runs[tid]
         client = self.client
-        number = str(trial_config(trial).get("trial_number", tid))
-        finals = {k: result.get(k) for k in FINAL_METRICS}
-        if status != "ok":
-            finals.pop("val_acc")  # an untrained or broken model has no accuracy to compare
-            finals.pop("train_loss")
-        epochs = self._epochs_logged.get(tid, 0)
-        if status == "ok" and epochs and int(result.get("epoch", 0)) == epochs:
-            # The last epoch already logged val_acc/train_loss at this step; do not add a twin point.
-            finals.pop("val_acc")
-            finals.pop("train_loss")
-        log_metrics(client, run_id, finals, step=int(result.get("epoch", 0) or 0))
+        cfg = trial_config(trial)
+        number = str(cfg.get("trial_number", tid))
+        if status != "infeasible":  # an untrained run has no training time, not a zero one
+            log_metrics(client, run_id, {k: result.get(k) for k in TRAINING_METRICS if result.get(k)}, step=0)
+        epoch = int(result.get("epoch", 0) or 0)
+        if status == "ok" and epoch and self._epochs_logged.get(tid, 0) != epoch:
+            # The curve's last point is the final accuracy: logged here only when no epoch report
+            # carried it (a trial reports its epochs as it goes; this is the exception).
+            log_metrics(client, run_id, {k: result.get(k) for k in EPOCH_METRICS}, step=epoch)
         tags = {"hybridnas.status": status}
         for key, tag in (
             ("hostname", "hybridnas.host"),
@@ -316,16 +343,64 @@ class MlflowSearchCallback(Callback):
         set_tags(client, run_id, tags)
         if status == "failed" and result.get("traceback"):
             client.log_text(run_id, str(result["traceback"]), "error.txt")
-        client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+        self._log_dataset(run_id, result.get("dataset"))
+        client.set_terminated(run_id, RUN_STATUS[status])
+        if status in run_names.STATUS_MARKS:
+            from hybridnas.search_space.spec import ArchSpec
+
+            rename(
+                client,
+                run_id,
+                run_names.marked(self._name(cfg, ArchSpec.from_dict(cfg["arch"], warn=False)), status),
+            )
         self._done.add(tid)
         self._counts[status] += 1
         if status == "ok":
-            self._add_to_front({**finals, "val_acc": result.get("val_acc")}, number)
-        n_done = sum(self._counts.values())
-        if self._hv is not None and self._hv.reference is not None:
-            log_metrics(client, self.parent_run_id, {"hypervolume": self._hv.value}, step=n_done)
+            self._add_to_front(result, number)
+        self._log_progress()
         running = sum(1 for t in trials if t.status == "RUNNING" and t.trial_id != tid)
         self._print(self._line(number, status, result, running))
+
+    def _name(self, cfg: Mapping[str, Any], spec: Any) -> str:
+        """The child run's name before its outcome marks (`runners.run_names`)."""
+        tags = cfg.get("tags") or {}
+        if "variant" in tags:  # an ablation's trial
+            return run_names.ablation_name(tags["variant"], tags.get("seed", "?"))
+        base = run_names.trial_name(
+            cfg.get("trial_number", "?"),
+            run_names.digits(self.total_trials),
+            run_names.varied_summary(spec, self.varied),
+        )
+        repeat = tags.get("hybridnas.seed") if tags.get("hybridnas.repeat_of") else None
+        return run_names.marked(base, repeat_seed=repeat)
+
+    def _log_dataset(self, run_id: str, info: Any) -> None:
+        """The data the trial trained on, as dataset inputs of its run and (once) of the parent."""
+        if not info:
+            return
+        data = json.loads(info) if isinstance(info, str) else dict(info)
+        log_dataset(self.client, run_id, data)
+        if not self._dataset_logged:
+            log_dataset(self.client, self.parent_run_id, data)
+            self._dataset_logged = True
+
+    def _log_progress(self) -> None:
+        """The parent's summary after each finished trial (step = trials finished): counts by
+        status, the best value of each objective and, with several, the hypervolume both raw and
+        as the share of its reference box (0-1)."""
+        n_done = sum(self._counts.values())
+        metrics: dict[str, float] = {f"n_{s}": n for s, n in self._counts.items()}
+        metrics["n_done"] = n_done
+        if self._hv is not None and self._hv.points:
+            for j, (m, mode) in enumerate(self.objectives):
+                column = [p[j] for p in self._hv.points]
+                metrics[f"best_{m}"] = max(column) if mode == "max" else min(column)
+            if len(self.objectives) > 1:
+                metrics["hypervolume"] = self._hv.value
+                norm = self._hv.normalized
+                if norm is not None:
+                    metrics["hypervolume_norm"] = norm
+        log_metrics(self.client, self.parent_run_id, metrics, step=n_done)
 
     def _add_to_front(self, metrics: Mapping[str, Any], number: str) -> None:
         if self._hv is None:
@@ -349,7 +424,8 @@ class MlflowSearchCallback(Callback):
     def _summary(self) -> str:
         c = self._counts
         total = f"/{self.total_trials}" if self.total_trials else ""
-        text = f"{sum(c.values())}{total} done ({c['ok']} ok, {c['failed']} failed, {c['infeasible']} infeasible)"
+        parts = ", ".join(f"{n} {s}" for s, n in c.items() if n or s in ("ok", "failed", "infeasible"))
+        text = f"{sum(c.values())}{total} done ({parts})"
         if self._best is not None:
             metric = self.objectives[0][0]
             text += f"; best {metric} {human(self._best[0], metric)} (trial {self._best[1]})"

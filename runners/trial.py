@@ -99,14 +99,23 @@ _DATA_CACHE: dict[str, Any] = {}  # per worker process; reuse_actors keeps the p
 
 
 def cached_dataset(data_cfg: Mapping[str, Any]) -> Any:
+    """The dataset of ``data_cfg``, loaded once per worker process; with it, under the same key
+    plus ``"/info"``, what MLflow records of it (`runners.data.dataset_info`, as JSON)."""
     key = json.dumps(dict(data_cfg), sort_keys=True, default=str)
     if key not in _DATA_CACHE:
-        from hybridnas.runners.data import load_dataset
+        from hybridnas.runners.data import dataset_info, load_dataset
         from hybridnas.search_space.config import DataConfig
 
         _DATA_CACHE.clear()  # one dataset per search; do not hold two in memory
-        _DATA_CACHE[key] = load_dataset(DataConfig.from_dict(dict(data_cfg)))
+        cfg = DataConfig.from_dict(dict(data_cfg))
+        _DATA_CACHE[key] = load_dataset(cfg)
+        _DATA_CACHE[key + "/info"] = json.dumps(dataset_info(_DATA_CACHE[key], cfg))
     return _DATA_CACHE[key]
+
+
+def _dataset_info(data_cfg: Mapping[str, Any]) -> str | None:
+    """The JSON `cached_dataset` keeps of a loaded dataset; None when this process has not loaded it."""
+    return _DATA_CACHE.get(json.dumps(dict(data_cfg), sort_keys=True, default=str) + "/info")
 
 
 def _node_id() -> str:
@@ -147,7 +156,8 @@ def hybridnas_trial(config: dict) -> None:
 
     Reports (``tune.report``) ``status: running`` once per epoch (epoch, train_loss, val_acc,
     imgs_per_s, epoch_time_s), then one final result with ``status`` ok | failed | infeasible,
-    the driver-computed macs/flops/params/latency_ms, train_time_s and imgs_per_s. Never raises for
+    the driver-computed macs/flops/params/latency_ms, train_time_s, imgs_per_s and, once the data
+    is loaded, ``dataset`` (JSON of `runners.data.dataset_info`). Never raises for
     a bad architecture or a diverging run: the error goes into the result.
     """
     from ray import tune
@@ -213,6 +223,7 @@ def hybridnas_trial(config: dict) -> None:
                 "traceback": traceback.format_exc(limit=20),
                 "epoch": getattr(e, "epoch", epoch),  # TrainingDiverged says in which epoch
                 "train_time_s": 0.0 if t_train is None else time.perf_counter() - t_train,
+                **({"dataset": _dataset_info(t.data)} if t_train is not None else {}),
             }
         )
         return
@@ -226,5 +237,6 @@ def hybridnas_trial(config: dict) -> None:
             "train_time_s": res.train_time_s,
             "imgs_per_s": res.imgs_per_s,
             "precision": res.precision,
+            "dataset": _dataset_info(t.data),
         }
     )

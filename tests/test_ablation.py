@@ -87,6 +87,23 @@ def test_ablation_logs_parent_and_tagged_children_and_a_table_matching_scipy(tmp
         assert row.p_value == pytest.approx(t.pvalue)
         assert (row.ci_low, row.ci_high) == pytest.approx(tuple(t.confidence_interval(0.95)))
     assert (res.out_dir / "ablation.md").read_text().count("\n|") >= 3
+    # Readable in MLflow: children named after variant and seed, the table as the parent's
+    # description and as per-variant metrics.
+    assert {k.info.run_name for k in kids} == {
+        "base seed0",
+        "base seed1",
+        "s1.mixer=window seed0",
+        "s1.mixer=window seed1",
+    }
+    parent = client.get_run(res.parent_run_id)
+    assert parent.data.metrics["mean/base"] == pytest.approx(np.mean(acc["base"]))
+    assert parent.data.metrics["diff/s1.mixer_window"] == pytest.approx(row.diff)
+    assert (res.out_dir / "ablation.md").read_text() in parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["hybridnas.search_id"] == kids[0].data.tags["hybridnas.search_id"]
+    assert res.runs_url.endswith(f"/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
+    assert (
+        res.parent_url == f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{res.parent_run_id}"
+    )
     assert "stages.1.mixer=window" in capsys.readouterr().out
 
     # Resume: nothing finished is trained again; new seeds train only themselves.

@@ -332,14 +332,15 @@ def test_cli_pareto_prints_the_front_and_writes_plots(store, runs, archs, tmp_pa
     assert set(csv["arch_hash"]) == {s.arch_hash() for s, _ in archs}
     png = out_dir / "pareto_val_acc_vs_macs.png"
     assert np.asarray(Image.open(png).convert("L")).std() > 5
-    html = (out_dir / "pareto_macs_vs_params.html").read_text()
+    html = (out_dir / "fronts.html").read_text()
     assert "shifted_window x1 c16 +ca" in html and store["runs"]["2"] in html
     assert {p.name for p in out_dir.iterdir()} == {
         "pareto.csv",
+        "front.md",
+        "fronts.html",
         *(
-            f"pareto_{a}_vs_{b}.{ext}"
+            f"pareto_{a}_vs_{b}.png"
             for a, b in [("val_acc", "macs"), ("val_acc", "params"), ("macs", "params")]
-            for ext in ("png", "html")
         ),
     }
 
