@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.files import shown
-from hybridnas.runners.resume import check_state, fingerprint, parent_guard, write_state
+from hybridnas.runners.resume import (
+    check_can_start,
+    check_state,
+    fingerprint,
+    nothing_trained,
+    parent_guard,
+    write_state,
+)
 from hybridnas.runners.trial import TrialConfig
 from hybridnas.search_space.errors import SpecError, UserError
 
@@ -45,6 +52,7 @@ class AblationResult:
     counts: dict[str, int]
     ui_command: str
     interrupted: bool = False
+    nothing_trained: str | None = None  # why no trial trained, in one line (then there is no table)
 
 
 def ablation_trial(config: dict) -> None:
@@ -191,8 +199,14 @@ def run_ablation(
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    connect_timeout: float | None = None,
 ) -> AblationResult:
-    """Train every (variant, seed) of ``study`` not finished yet, then write and log the table."""
+    """Train every (variant, seed) of ``study`` not finished yet, then write and log the table.
+
+    Everything that can be wrong with the file, the data, the output folder, the resources and the
+    cluster (joined here, within ``connect_timeout`` seconds) raises a `UserError` before the
+    tracking store is touched. When no trial trained, ``nothing_trained`` says why (and no table
+    is written)."""
     from hybridnas.runners import store as tr
 
     say = progress if callable(progress) else (lambda line: None)
@@ -204,6 +218,8 @@ def run_ablation(
     from hybridnas.runners.data import input_for
 
     input_spec = input_for(study.data)
+    out_what = "--out" if out_dir else "out_dir"
+    check_can_start(out, out_what, study.resources, study.train, study.latency, address, connect_timeout)
     measures = measure_variants(study, input_spec)
 
     uri = tr.resolve_tracking_uri(tracking_uri or (state or {}).get("tracking_uri") or study.tracking.uri)
@@ -328,6 +344,23 @@ def _run_study(
             counts=counts,
             ui_command=tr.ui_command(uri),
             interrupted=True,
+        )
+    why = nothing_trained(client, exp_id, parent)
+    if why:
+        tr.set_tags(client, parent, {"hybridnas.error": why})
+        client.set_terminated(parent, "FAILED")
+        return AblationResult(
+            name=study.name,
+            parent_run_id=parent,
+            tracking_uri=uri,
+            out_dir=out,
+            rows=[],
+            files=[],
+            trained=len(todo),
+            skipped=len(done),
+            counts=counts,
+            ui_command=tr.ui_command(uri),
+            nothing_trained=why,
         )
     if not any(r["variant"] == "base" for r in results):
         client.set_terminated(parent, "FAILED")

@@ -52,8 +52,10 @@ from hybridnas.runners.ray_runtime import init_ray, trial_actors_on_prestarted_w
 from hybridnas.runners.resume import (
     Replays,
     SearchError,
+    check_can_start,
     check_state,
     fingerprint,
+    nothing_trained,
     parent_guard,
     replays_from_mlflow,
     resolved_for_fingerprint,
@@ -198,6 +200,7 @@ class SearchResult:
     calibration: dict[str, Any]
     timings: dict[str, float]  # mlflow_s, latency_table_s, ray_init_s, tune_s, finish_s
     ui_command: str
+    nothing_trained: str | None = None  # why no trial trained, in one line (then there is no front)
 
 
 def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> str:
@@ -274,12 +277,15 @@ def run_search(
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    connect_timeout: float | None = None,
 ) -> SearchResult:
     """Run (or, with ``resume``, continue) the search described by ``exp``; see the module docstring.
 
-    Raises `SearchError` / `TrackingError` (UserErrors) for an output directory that already holds
-    a search (without ``resume``), nothing to resume, an experiment changed since, an unusable
-    tracking store or an unreachable cluster - all before any trial runs.
+    Raises `UserError`s for an output directory that already holds a search (without ``resume``),
+    nothing to resume, an experiment changed since, missing data, an output folder that cannot be
+    written, resources or devices this machine or cluster lacks, an unusable tracking store or a
+    cluster that does not answer within ``connect_timeout`` seconds (default 30) - all before the
+    tracking store is touched or any trial runs. When no trial trained, ``nothing_trained`` says why.
     """
     from hybridnas.runners import store as tr
     from hybridnas.runners import tracking
@@ -293,7 +299,12 @@ def run_search(
     fp = fingerprint({**resolved_for_fingerprint(exp), "faults": faults})
     state = check_state(out, fp, resume, "search")
 
-    input_spec = input_for(exp.data)  # may load the data here: a data error stops us before MLflow
+    input_spec = input_for(exp.data)  # checks (or loads) the data here: a data error stops us before MLflow
+    t = time.time()
+    out_what = "--out" if out_dir else "out_dir"
+    check_can_start(out, out_what, exp.resources, exp.train, exp.latency, address, connect_timeout)
+    if address:  # joined: costs this machine nothing, and a cluster that is not there fails before MLflow
+        timings["ray_init_s"] = time.time() - t
     uri = tr.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
     if state:
         if tracking_uri and uri != state["tracking_uri"]:
@@ -303,10 +314,6 @@ def run_search(
             )
         uri = state["tracking_uri"]
     tr.check_tracking_uri(uri)
-    if address:  # joining a running cluster costs this machine nothing: fail before MLflow has a run
-        t = time.time()
-        init_ray(address)
-        timings["ray_init_s"] = time.time() - t
     from mlflow.exceptions import MlflowException
 
     try:
@@ -490,7 +497,15 @@ def run_search(
     first_trial_s = (min(starts) - t_start) if starts and not resume else None
 
     front, exported, files = None, [], []
-    if interrupted:
+    why = None if interrupted else nothing_trained(client, exp_id, parent)
+    if why:
+        tr.set_tags(client, parent, {"hybridnas.error": why})
+        client.set_terminated(parent, "FAILED")
+        state["finished"] = True
+        write_state(out, state)
+        if started_ray:
+            ray.shutdown()
+    elif interrupted:
         client.update_run(parent, status="KILLED")
         say(
             f"interrupted: {sum(counts.values())}/{n_trials} trials finished; continue with: "
@@ -545,6 +560,7 @@ def run_search(
         calibration=cal,
         timings=timings,
         ui_command=tr.ui_command(uri),
+        nothing_trained=why,
     )
 
 
