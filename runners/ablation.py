@@ -325,6 +325,22 @@ def _run_study(
             tuner.fit()
 
     results, counts = _results_from_mlflow(client, exp_id, parent)
+
+    def no_table(**why: Any) -> AblationResult:
+        return AblationResult(
+            name=study.name,
+            parent_run_id=parent,
+            tracking_uri=uri,
+            out_dir=out,
+            rows=[],
+            files=[],
+            trained=len(todo),
+            skipped=len(done),
+            counts=counts,
+            ui_command=tr.ui_command(uri),
+            **why,
+        )
+
     if sum(counts.values()) < total:
         # Tune stopped early (Ctrl-C): no table that looks complete, and never a plain success.
         client.set_terminated(parent, "KILLED")
@@ -332,36 +348,12 @@ def _run_study(
             f"interrupted: {sum(counts.values())}/{total} trials finished; no table written; continue with: "
             f"hybridnas ablate {study.path or '<file>'} --resume"
         )
-        return AblationResult(
-            name=study.name,
-            parent_run_id=parent,
-            tracking_uri=uri,
-            out_dir=out,
-            rows=[],
-            files=[],
-            trained=len(todo),
-            skipped=len(done),
-            counts=counts,
-            ui_command=tr.ui_command(uri),
-            interrupted=True,
-        )
+        return no_table(interrupted=True)
     why = nothing_trained(client, exp_id, parent)
     if why:
         tr.set_tags(client, parent, {"hybridnas.error": why})
         client.set_terminated(parent, "FAILED")
-        return AblationResult(
-            name=study.name,
-            parent_run_id=parent,
-            tracking_uri=uri,
-            out_dir=out,
-            rows=[],
-            files=[],
-            trained=len(todo),
-            skipped=len(done),
-            counts=counts,
-            ui_command=tr.ui_command(uri),
-            nothing_trained=why,
-        )
+        return no_table(nothing_trained=why)
     if not any(r["variant"] == "base" for r in results):
         client.set_terminated(parent, "FAILED")
         raise AblationError(

@@ -38,31 +38,16 @@ MAX_TRIALS = 1_000_000  # = search.trials
 MAX_CONNECT_TIMEOUT_S = 3600.0
 
 
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse type: an integer in [lo, hi] (the error names the bound)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        try:
-            check_range(value, "", lo, hi)
-        except SpecError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        return value
-
-    return parse
-
-
-def _number_in(lo: float, hi: float, open_lo: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number in [lo, hi] (or (lo, hi])."""
+def _ranged(kind: type, lo: float, hi: float, open_lo: bool = False) -> Callable[[str], float]:
+    """An argparse type: an integer (``kind`` int) or a finite number (float) in [lo, hi] (or
+    (lo, hi] with ``open_lo``); the error names the bound, argparse adds the flag."""
 
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         try:
             check_range(value, "", lo, hi, open_lo=open_lo)
         except SpecError as e:
@@ -70,6 +55,16 @@ def _number_in(lo: float, hi: float, open_lo: bool = False) -> Callable[[str], f
         return value
 
     return parse
+
+
+def _add_connect_timeout(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--connect-timeout",
+        type=_ranged(float, 0.0, MAX_CONNECT_TIMEOUT_S, open_lo=True),
+        default=None,
+        metavar="S",
+        help="with --address: fail when the cluster does not answer within S seconds (default 30)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -400,19 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
     s.add_argument(
         "--samples",
-        type=_int_in(0, MAX_SPACE_SAMPLES),
+        type=_ranged(int, 0, MAX_SPACE_SAMPLES),
         default=3,
         help=f"how many architectures to sample and print (at most {MAX_SPACE_SAMPLES:,})",
     )
-    s.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
+    s.add_argument("--seed", type=_ranged(int, 0, MAX_SEED), default=0)
     s.set_defaults(func=_cmd_space)
 
     s = sub.add_parser("profile", help="MACs, params and (optionally) latency of an architecture, per stage")
     s.add_argument("arch", help="architecture YAML")
     s.add_argument("--latency", action="store_true", help="also measure latency")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--batch-size", type=_int_in(1, 4096), default=1)
-    s.add_argument("--threads", type=_int_in(1, MAX_THREADS), default=1)
+    s.add_argument("--batch-size", type=_ranged(int, 1, 4096), default=1)
+    s.add_argument("--threads", type=_ranged(int, 1, MAX_THREADS), default=1)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_handler("hybridnas.runners.measure", "main_profile"))
 
@@ -420,17 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("arch", help="architecture YAML")
     s.add_argument("--data", help="dataset name (mnist5k, digits, cifar10, cifar100, imagefolder, synthetic)")
     s.add_argument("--root", help="dataset directory (cifar10/cifar100/imagefolder)")
-    s.add_argument("--epochs", type=_int_in(1, MAX_EPOCHS))
-    s.add_argument("--batch-size", type=_int_in(1, MAX_BATCH_SIZE))
-    s.add_argument("--lr", type=_number_in(0.0, MAX_LR, open_lo=True))
-    s.add_argument("--seed", type=_int_in(0, MAX_SEED))
+    s.add_argument("--epochs", type=_ranged(int, 1, MAX_EPOCHS))
+    s.add_argument("--batch-size", type=_ranged(int, 1, MAX_BATCH_SIZE))
+    s.add_argument("--lr", type=_ranged(float, 0.0, MAX_LR, open_lo=True))
+    s.add_argument("--seed", type=_ranged(int, 0, MAX_SEED))
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
         help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere",
     )
-    s.add_argument("--threads", type=_int_in(1, MAX_THREADS), help="torch CPU threads (default: all)")
+    s.add_argument("--threads", type=_ranged(int, 1, MAX_THREADS), help="torch CPU threads (default: all)")
     s.add_argument("--out", help="directory for the state dict and the arch YAML")
     s.add_argument("--json", action="store_true", help="print one JSON object at the end")
     s.set_defaults(func=_cmd_train)
@@ -443,15 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search")
     s.add_argument("--out", help="output directory (default: hybridnas_runs/<name>)")
-    s.add_argument("--trials", type=_int_in(1, MAX_TRIALS), help="override search.trials")
-    s.add_argument("--epochs", type=_int_in(1, MAX_EPOCHS), help="override train.epochs")
-    s.add_argument(
-        "--connect-timeout",
-        type=_number_in(0.0, MAX_CONNECT_TIMEOUT_S, open_lo=True),
-        default=None,
-        metavar="S",
-        help="with --address: fail when the cluster does not answer within S seconds (default 30)",
-    )
+    s.add_argument("--trials", type=_ranged(int, 1, MAX_TRIALS), help="override search.trials")
+    s.add_argument("--epochs", type=_ranged(int, 1, MAX_EPOCHS), help="override train.epochs")
+    _add_connect_timeout(s)
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("ablate", help="run an ablation study from an ablation file")
@@ -461,14 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address")
     s.add_argument("--resume", action="store_true")
     s.add_argument("--out")
-    s.add_argument("--epochs", type=_int_in(1, MAX_EPOCHS), help="override train.epochs")
-    s.add_argument(
-        "--connect-timeout",
-        type=_number_in(0.0, MAX_CONNECT_TIMEOUT_S, open_lo=True),
-        default=None,
-        metavar="S",
-        help="with --address: fail when the cluster does not answer within S seconds (default 30)",
-    )
+    s.add_argument("--epochs", type=_ranged(int, 1, MAX_EPOCHS), help="override train.epochs")
+    _add_connect_timeout(s)
     s.set_defaults(func=_cmd_ablate)
 
     s = sub.add_parser("export", help="write architecture YAML chosen from a finished search in MLflow")
