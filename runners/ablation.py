@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.files import shown
-from hybridnas.runners.resume import Stop, check_state, close_orphans, fingerprint, parent_guard, write_state
+from hybridnas.runners.resume import (
+    Stop,
+    check_can_start,
+    check_state,
+    close_orphans,
+    fingerprint,
+    nothing_trained,
+    parent_guard,
+    write_state,
+)
 from hybridnas.runners.trial import TrialConfig
 from hybridnas.search_space.errors import SpecError, UserError
 
@@ -49,6 +58,7 @@ class AblationResult:
     experiment_id: str = ""
     runs_url: str = ""  # the MLflow UI's runs table of the experiment (`runners.store.runs_url`)
     parent_url: str = ""  # the MLflow UI's page of the study's parent run
+    nothing_trained: str | None = None  # why no trial trained, in one line (then there is no table)
 
 
 def ablation_trial(config: dict) -> None:
@@ -201,13 +211,18 @@ def run_ablation(
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    connect_timeout: float | None = None,
 ) -> AblationResult:
     """Train every (variant, seed) of ``study`` not finished yet, then write and log the table.
 
-    SIGINT and SIGTERM stop it cleanly (`runners.resume.Stop`): it returns ``interrupted`` without
-    a table (or raises `Interrupted` outside the trials); no run is left RUNNING."""
+    Everything that can be wrong with the file, the data, the output folder, the resources and the
+    cluster (joined here, within ``connect_timeout`` seconds) raises a `UserError` before the
+    tracking store is touched. When no trial trained, ``nothing_trained`` says why (and no table
+    is written). SIGINT and SIGTERM stop it cleanly (`runners.resume.Stop`): it returns
+    ``interrupted`` without a table (or raises `Interrupted` outside the trials); no run is left
+    RUNNING."""
     with Stop() as stop:
-        return _ablate(study, tracking_uri, address, resume, out_dir, progress, stop)
+        return _ablate(study, tracking_uri, address, resume, out_dir, progress, stop, connect_timeout)
 
 
 def _ablate(
@@ -218,6 +233,7 @@ def _ablate(
     out_dir: str | os.PathLike | None,
     progress: Callable[[str], None] | None,
     stop: Stop,
+    connect_timeout: float | None = None,
 ) -> AblationResult:
     from hybridnas.runners import store as tr
 
@@ -230,6 +246,8 @@ def _ablate(
     from hybridnas.runners.data import input_for
 
     input_spec = input_for(study.data)
+    out_what = "--out" if out_dir else "out_dir"
+    check_can_start(out, out_what, study.resources, study.train, study.latency, address, connect_timeout)
     measures = measure_variants(study, input_spec)
 
     uri = tr.resolve_tracking_uri(tracking_uri or (state or {}).get("tracking_uri") or study.tracking.uri)
@@ -338,15 +356,8 @@ def _run_study(
             tuner.fit()
 
     results, counts = _results_from_mlflow(client, exp_id, parent)
-    if sum(counts.values()) < total:
-        # Tune stopped early (Ctrl-C, SIGTERM): no table that looks complete, never a plain success.
-        reason = stop.reason or "SIGINT"
-        tr.close_unfinished(client, exp_id, parent)
-        client.set_terminated(parent, "KILLED")
-        say(
-            f"interrupted ({reason}): {sum(counts.values())}/{total} trials finished; no table written; "
-            f"the study is saved in {out}"
-        )
+
+    def no_table(**why: Any) -> AblationResult:
         return AblationResult(
             name=study.name,
             parent_run_id=parent,
@@ -358,10 +369,25 @@ def _run_study(
             skipped=len(done),
             counts=counts,
             ui_command=tr.ui_command(uri),
-            interrupted=True,
-            stopped_by=reason,
             **_urls(uri, exp_id, parent),
+            **why,
         )
+
+    if sum(counts.values()) < total:
+        # Tune stopped early (Ctrl-C, SIGTERM): no table that looks complete, never a plain success.
+        reason = stop.reason or "SIGINT"
+        tr.close_unfinished(client, exp_id, parent)
+        client.set_terminated(parent, "KILLED")
+        say(
+            f"interrupted ({reason}): {sum(counts.values())}/{total} trials finished; no table written; "
+            f"the study is saved in {out}"
+        )
+        return no_table(interrupted=True, stopped_by=reason)
+    why = nothing_trained(client, exp_id, parent)
+    if why:
+        tr.set_tags(client, parent, {"hybridnas.error": why})
+        client.set_terminated(parent, "FAILED")
+        return no_table(nothing_trained=why)
     if not any(r["variant"] == "base" for r in results):
         client.set_terminated(parent, "FAILED")
         raise AblationError(

@@ -22,12 +22,57 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.examples import resolve
-from hybridnas.runners.files import shown
+from hybridnas.runners.files import check_writable_dir, check_writable_file, shown
 from hybridnas.runners.fmt import human
-from hybridnas.search_space.config import MAX_SEED, check_range
+from hybridnas.search_space.config import (
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_LR,
+    MAX_SEED,
+    MAX_THREADS,
+    check_range,
+)
 from hybridnas.search_space.errors import SpecError, UserError
 
-MAX_SPACE_SAMPLES = 1_000  # `space --samples`
+MAX_SPACE_SAMPLES = 1_000  # `space --samples`: each sample is built and profiled (0.1-1 s on a small CPU)
+MAX_TRIALS = 1_000_000  # = search.trials
+MAX_CONNECT_TIMEOUT_S = 3600.0
+
+
+def _ranged(kind: type, lo: float, hi: float, open_lo: bool = False) -> Callable[[str], float]:
+    """An argparse type: an integer (``kind`` int) or a finite number (float) in [lo, hi] (or
+    (lo, hi] with ``open_lo``); the error names the bound, argparse adds the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        try:
+            check_range(value, "", lo, hi, open_lo=open_lo)
+        except SpecError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    return parse
+
+
+def _add_connect_timeout(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--connect-timeout",
+        type=_ranged(float, 0.0, MAX_CONNECT_TIMEOUT_S, open_lo=True),
+        default=None,
+        metavar="S",
+        help="with --address: fail when the cluster does not answer within S seconds (default 30)",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the one-line form of every other error: ``hybridnas: error: ...``, exit 2."""
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature
+        self.exit(2, f"hybridnas: error: {message} (see {self.prog} --help)\n")
 
 
 def _handler(module: str, func: str = "main"):
@@ -67,9 +112,6 @@ def _cmd_space(args: argparse.Namespace) -> int:
     from hybridnas.runners.space_report import report
     from hybridnas.search_space.experiment import Experiment
 
-    # Each sample is built and profiled (0.1-1 s on a small CPU): the bound keeps a typo from running for hours.
-    check_range(args.samples, "--samples", 0, MAX_SPACE_SAMPLES)
-    check_range(args.seed, "--seed", 0, MAX_SEED)
     exp = Experiment.from_yaml(resolve(args.experiment))
     report(exp, _say, samples=args.samples, seed=args.seed)
     return 0
@@ -197,10 +239,11 @@ def _interrupted(args: argparse.Namespace, reason: str | None, what: str) -> int
 
 def _cmd_search(args: argparse.Namespace) -> int:
     """`hybridnas search FILE [--tracking-uri URI] [--address A] [--resume] [--out DIR] [--trials N] [--epochs N]`."""
-    from hybridnas.runners.search import apply_overrides, run_search
     from hybridnas.search_space.experiment import Experiment
 
-    exp = Experiment.from_yaml(resolve(args.experiment))
+    exp = Experiment.from_yaml(resolve(args.experiment))  # a bad file fails before Ray is imported
+    from hybridnas.runners.search import apply_overrides, run_search
+
     exp = apply_overrides(exp, getattr(args, "trials", None), getattr(args, "epochs", None))
     res = run_search(
         exp,
@@ -210,6 +253,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         out_dir=getattr(args, "out", None),
         progress=_say,
         store_timeout=args.store_timeout,
+        connect_timeout=getattr(args, "connect_timeout", None),
     )
     c = res.counts
     print(
@@ -219,6 +263,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if res.interrupted:
         _browse(res, "search run")
         return _interrupted(args, res.stopped_by, "search")
+    if res.nothing_trained:
+        _browse(res, "search run")
+        print(f"hybridnas: error: {res.nothing_trained}", file=sys.stderr)
+        return 1
     if res.front is not None and len(res.front):
         goals = ", ".join(f"{m} ({mode})" for m, mode in res.objectives)
         print(f"Pareto front of {goals}: {len(res.front)} architectures")
@@ -264,8 +312,6 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             ) from None
     study = AblationStudy.from_yaml(resolve(args.ablation), seeds=seeds)
     if args.epochs is not None:
-        if args.epochs < 1:
-            raise SpecError("--epochs", f"must be >= 1, got {args.epochs}")
         study = dataclasses.replace(
             study,
             train=study.train.replace(epochs=args.epochs),
@@ -280,8 +326,12 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         resume=args.resume,
         out_dir=args.out,
         progress=_say,
+        connect_timeout=args.connect_timeout,
     )
     _browse(res, "study run")
+    if res.nothing_trained:
+        print(f"hybridnas: error: {res.nothing_trained}", file=sys.stderr)
+        return 1
     return _interrupted(args, res.stopped_by, "ablation") if res.interrupted else 0
 
 
@@ -307,6 +357,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     # Check the selection before touching the tracking store: a typo fails fast.
     how = check_selection(getattr(args, "select", None) or "best_acc")
+    # And the output path: a bad one should not wait for the store to be read.
+    if args.out and (how == "pareto" or Path(args.out).is_dir()):
+        check_writable_dir(args.out)
+    elif args.out:
+        check_writable_file(args.out)
     df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
     written = export_selection(df, args.experiment, how, getattr(args, "out", None))
     print(
@@ -331,6 +386,8 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         write_fronts,
     )
 
+    if args.out:
+        check_writable_dir(args.out)
     df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
     objectives = df.attrs.get("objectives") or list(DEFAULT_OBJECTIVES)
     out = Path(getattr(args, "out", None) or f"{slug(args.experiment)}_pareto")
@@ -353,7 +410,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from hybridnas import __version__
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="hybridnas",
         description="Search and ablate hybrid conv/attention vision backbones.",
     )
@@ -370,16 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
         "space", help="validate an experiment file; print the space size and sample architectures"
     )
     s.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
-    s.add_argument("--samples", type=int, default=3, help="how many architectures to sample and print")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--samples",
+        type=_ranged(int, 0, MAX_SPACE_SAMPLES),
+        default=3,
+        help=f"how many architectures to sample and print (at most {MAX_SPACE_SAMPLES:,})",
+    )
+    s.add_argument("--seed", type=_ranged(int, 0, MAX_SEED), default=0)
     s.set_defaults(func=_cmd_space)
 
     s = sub.add_parser("profile", help="MACs, params and (optionally) latency of an architecture, per stage")
     s.add_argument("arch", help="architecture YAML")
     s.add_argument("--latency", action="store_true", help="also measure latency")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--batch-size", type=_ranged(int, 1, 4096), default=1)
+    s.add_argument("--threads", type=_ranged(int, 1, MAX_THREADS), default=1)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_handler("hybridnas.runners.cli_profile", "main_profile"))
 
@@ -387,17 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("arch", help="architecture YAML")
     s.add_argument("--data", help="dataset name (mnist5k, digits, cifar10, cifar100, imagefolder, synthetic)")
     s.add_argument("--root", help="dataset directory (cifar10/cifar100/imagefolder)")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--epochs", type=_ranged(int, 1, MAX_EPOCHS))
+    s.add_argument("--batch-size", type=_ranged(int, 1, MAX_BATCH_SIZE))
+    s.add_argument("--lr", type=_ranged(float, 0.0, MAX_LR, open_lo=True))
+    s.add_argument("--seed", type=_ranged(int, 0, MAX_SEED))
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
         help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere",
     )
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: all)")
+    s.add_argument("--threads", type=_ranged(int, 1, MAX_THREADS), help="torch CPU threads (default: all)")
     s.add_argument("--out", help="directory for the state dict and the arch YAML")
     s.add_argument("--json", action="store_true", help="print one JSON object at the end")
     s.set_defaults(func=_cmd_train)
@@ -410,8 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search")
     s.add_argument("--out", help="output directory (default: hybridnas_runs/<name>)")
-    s.add_argument("--trials", type=int, help="override search.trials")
-    s.add_argument("--epochs", type=int, help="override train.epochs")
+    s.add_argument("--trials", type=_ranged(int, 1, MAX_TRIALS), help="override search.trials")
+    s.add_argument("--epochs", type=_ranged(int, 1, MAX_EPOCHS), help="override train.epochs")
+    _add_connect_timeout(s)
     s.add_argument(
         "--store-timeout",
         type=float,
@@ -429,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address")
     s.add_argument("--resume", action="store_true")
     s.add_argument("--out")
-    s.add_argument("--epochs", type=int, help="override train.epochs")
+    s.add_argument("--epochs", type=_ranged(int, 1, MAX_EPOCHS), help="override train.epochs")
+    _add_connect_timeout(s)
     s.set_defaults(func=_cmd_ablate)
 
     s = sub.add_parser("export", help="write architecture YAML chosen from a finished search in MLflow")

@@ -29,7 +29,7 @@ import pandas as pd
 
 from hybridnas import __version__
 from hybridnas.runners import store
-from hybridnas.runners.files import atomic_write
+from hybridnas.runners.files import atomic_write, check_writable_dir, check_writable_file
 from hybridnas.runners.pareto import (
     DEFAULT_OBJECTIVES,
     METRIC_COLUMNS,
@@ -361,6 +361,7 @@ def export_selection(
     written = []
     if how == "pareto":
         folder = Path(out or f"{experiment}_front")
+        check_writable_dir(folder, "--out" if out else "output folder")
         for r in rows.to_dict("records"):
             path = folder / f"{slug(experiment)}_trial{slug(str(r['trial']))}.yaml"
             written.append(
@@ -370,6 +371,7 @@ def export_selection(
         path = Path(out) if out else Path(f"{slug(experiment)}_{slug(how)}.yaml")
         if path.is_dir():
             path = path / f"{slug(experiment)}_{slug(how)}.yaml"
+        check_writable_file(path, "--out" if out else "output file")
         r = rows.iloc[0].to_dict()
         written.append((export_arch(r, experiment, path, selection=how, tracking_uri=uri, recipe=recipe), r))
     return written

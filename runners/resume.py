@@ -1,6 +1,7 @@
 """What a search or an ablation keeps in its output folder to be resumed, and the parts of the
-driver's life both share: the state file and its fingerprint, the stop signals, the parent-run
-guard, replaying results a killed driver lost, the latency table a search started with.
+driver's life both share: the checks before the tracking store is touched, the state file and its
+fingerprint, the stop signals, the parent-run
+guard, replaying results a killed driver lost, the latency table a search started with, the one-line summary of a run that trained nothing.
 
 How a driver ends, whatever ends it:
 
@@ -16,17 +17,19 @@ How a driver ends, whatever ends it:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
+import re
 import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hybridnas.runners.trial import STATUS_FAILED, STATUS_INFEASIBLE
-from hybridnas.search_space.errors import UserError
+from hybridnas.runners.trial import STATUS_FAILED, STATUS_INFEASIBLE, STATUS_OK
+from hybridnas.search_space.errors import SpecError, UserError
 
 
 class SearchError(UserError):
@@ -179,6 +182,73 @@ def check_state(
             "flags, or start a fresh one with --out DIR"
         )
     return state
+
+
+def check_can_start(
+    out: Path,
+    out_what: str,
+    resources: Any,
+    train: Any,
+    latency: Any,
+    address: str | None = None,
+    connect_timeout: float | None = None,
+) -> None:
+    """What would make a search or an ablation fail after its MLflow run exists, checked before the
+    tracking store is touched (so a failure leaves no ``mlflow.db``, no run, no folder): the output
+    folder can be written, the cluster at ``address`` answers (joined here, within
+    ``connect_timeout`` seconds), a trial's resources fit what the cluster or this machine has, and
+    the devices asked for exist."""
+    from hybridnas.runners.files import check_writable_dir
+    from hybridnas.runners.ray_runtime import DEFAULT_CONNECT_TIMEOUT_S, available_resources, init_ray
+
+    check_writable_dir(out, out_what)
+    if address:
+        init_ray(
+            address, connect_timeout=DEFAULT_CONNECT_TIMEOUT_S if connect_timeout is None else connect_timeout
+        )
+    have = available_resources()
+    where = "the cluster has" if address else "this machine has"
+    for what, need in (("cpu", resources.cpu), ("gpu", resources.gpu)):
+        if need > have[what]:  # Tune would wait forever for a slot that cannot exist
+            raise SpecError(f"resources.{what}", f"a trial asks for {need:g}, {where} {have[what]:g}")
+    if train.device == "cuda" and have["gpu"] == 0:
+        raise SpecError("train.device", f"'cuda', but {where} no GPU for the trials; use auto or cpu")
+    if latency.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpecError("latency.device", "'cuda', but PyTorch sees no CUDA GPU on this machine; use cpu")
+
+
+def nothing_trained(client: Any, exp_id: str, parent: str) -> str | None:
+    """None when at least one trial of the run trained; else one line saying why none did: how many
+    failed and their most common error, or that every architecture was infeasible."""
+    from hybridnas.runners.store import child_runs, headline
+
+    runs = child_runs(client, exp_id, parent)
+    status = collections.Counter(r.data.tags.get("hybridnas.status") for r in runs)
+    if status[STATUS_OK]:
+        return None
+    failed, infeasible = status[STATUS_FAILED], status[STATUS_INFEASIBLE]
+    if failed:
+        # Errors that differ only in their numbers (a trial's number, a port, a size) count as one.
+        lines = [headline(r.data.tags.get("hybridnas.error") or "") for r in runs]
+        lines = [line for line, r in zip(lines, runs) if r.data.tags.get("hybridnas.status") == STATUS_FAILED]
+        kinds = collections.Counter(re.sub(r"\d+", "#", line) for line in lines)
+        kind, n = kinds.most_common(1)[0]
+        error = next(line for line in lines if re.sub(r"\d+", "#", line) == kind)
+        also = f" ({infeasible} more infeasible)" if infeasible else ""
+        return f"no trial trained: {failed} of {len(runs)} failed{also}; the most common error ({n} of {failed}): {error}"
+    if infeasible:
+        why = collections.Counter(r.data.tags.get("hybridnas.violations", "") for r in runs).most_common(1)[
+            0
+        ][0]
+        return (
+            f"no trial trained: all {infeasible} architectures were infeasible"
+            + (f" (e.g. {why})" if why else "")
+            + "; loosen the constraints or change the space"
+        )
+    return "no trial trained: no trial finished"
 
 
 def fingerprint(resolved: dict) -> str:

@@ -55,9 +55,11 @@ from hybridnas.runners.resume import (
     Replays,
     SearchError,
     Stop,
+    check_can_start,
     check_state,
     close_orphans,
     fingerprint,
+    nothing_trained,
     parent_guard,
     replays_from_mlflow,
     resolved_for_fingerprint,
@@ -140,6 +142,7 @@ class SearchResult:
     experiment_id: str = ""
     runs_url: str = ""  # the MLflow UI's runs table of the experiment (`runners.store.runs_url`)
     parent_url: str = ""  # the MLflow UI's page of the search's parent run
+    nothing_trained: str | None = None  # why no trial trained, in one line (then there is no front)
 
 
 EXPERIMENT_NOTE = (
@@ -228,12 +231,16 @@ def run_search(
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
     store_timeout: float = STORE_TIMEOUT_S,
+    connect_timeout: float | None = None,
 ) -> SearchResult:
     """Run (or, with ``resume``, continue) the search described by ``exp``; see the module docstring.
 
     Raises `SearchError` / `TrackingError` (UserErrors) for an output directory that already holds
     a search (without ``resume``), nothing to resume, an experiment changed since, an unusable
-    tracking store or an unreachable cluster - all before any trial runs.
+    tracking store or a cluster that does not answer within ``connect_timeout`` seconds (default
+    30), missing data, an output folder that cannot be written, resources or devices this machine
+    or cluster lacks - all before the tracking store is touched or any trial runs. When no trial
+    trained, ``nothing_trained`` says why.
 
     SIGINT and SIGTERM stop it cleanly (`runners.resume.Stop`): during the trials it returns with
     ``interrupted`` and ``stopped_by`` set; before or after them it raises `Interrupted`. Either
@@ -245,7 +252,9 @@ def run_search(
     (``stopped_by="store"``).
     """
     with Stop() as stop:
-        return _search(exp, tracking_uri, address, resume, out_dir, progress, stop, store_timeout)
+        return _search(
+            exp, tracking_uri, address, resume, out_dir, progress, stop, store_timeout, connect_timeout
+        )
 
 
 def _search(
@@ -257,6 +266,7 @@ def _search(
     progress: Callable[[str], None] | None,
     stop: Stop,
     store_timeout: float = STORE_TIMEOUT_S,
+    connect_timeout: float | None = None,
 ) -> SearchResult:
     from hybridnas.runners import store as tr
     from hybridnas.runners import tracking
@@ -271,7 +281,13 @@ def _search(
     fp = fingerprint({**resolved_for_fingerprint(exp), "faults": faults})
     state = check_state(out, fp, resume, "search")
 
-    input_spec = input_for(exp.data)  # may load the data here: a data error stops us before MLflow
+    input_spec = input_for(exp.data)  # checks (or loads) the data here: a data error stops us before MLflow
+    t = time.time()
+    out_what = "--out" if out_dir else "out_dir"
+    check_can_start(out, out_what, exp.resources, exp.train, exp.latency, address, connect_timeout)
+    if address:  # joined: costs this machine nothing, and a cluster that is not there fails before MLflow
+        stop.rearm()  # ray.init put in its own SIGTERM handler
+        timings["ray_init_s"] = time.time() - t
     uri = tr.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
     if state:
         if tracking_uri and uri != state["tracking_uri"]:
@@ -281,11 +297,6 @@ def _search(
             )
         uri = state["tracking_uri"]
     tr.check_tracking_uri(uri)
-    if address:  # joining a running cluster costs this machine nothing: fail before MLflow has a run
-        t = time.time()
-        init_ray(address)
-        stop.rearm()
-        timings["ray_init_s"] = time.time() - t
     from mlflow.exceptions import MlflowException
 
     try:
@@ -483,7 +494,15 @@ def _search(
         first_trial_s = (min(starts) - t_start) if starts and not resume else None
 
         front, exported, files = None, [], []
-        if interrupted:
+        why = None if interrupted else nothing_trained(client, exp_id, parent)
+        if why:  # every trial failed, or none trained: no front, and not a success
+            tr.set_tags(client, parent, {"hybridnas.error": why})
+            client.set_terminated(parent, "FAILED")
+            state["finished"] = True
+            write_state(out, state)
+            if started_ray:
+                ray.shutdown()
+        elif interrupted:
             tr.close_unfinished(client, exp_id, parent)  # the callback closed its own; this is the net
             client.set_terminated(parent, "KILLED")
             say(
@@ -542,6 +561,7 @@ def _search(
         experiment_id=exp_id,
         runs_url=tr.runs_url(uri, exp_id),
         parent_url=tr.run_url(uri, exp_id, parent),
+        nothing_trained=why,
     )
 
 

@@ -136,6 +136,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             folder = folder.parent
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking URI {uri}: {folder} is not writable")
+    else:  # a database or a plugin's scheme: MLflow says whether it has a store for it
+        make_client(uri)
 
 
 def ui_command(uri: str) -> str:
@@ -206,10 +208,27 @@ def make_client(uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import logging
 
-    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     # "Creating initial MLflow database tables..." and friends are not the user's business.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:
+        return _client_under_lock(uri)
+    except MlflowException as e:
+        # An unknown scheme: MLflow's text blames the model registry and runs on; say it in one line.
+        known = re.search(r"Supported URI schemes are: \[([^\]]*)\]", e.message)
+        allowed = f" (MLflow knows: {known.group(1)}, or a directory)" if known else ""
+        first = " ".join(e.message.split()).split(". ")[0]
+        raise TrackingError(
+            f"tracking URI {redact(uri)}: no MLflow store for it{allowed}"
+            if known
+            else f"tracking URI {redact(uri)}: {first}"
+        ) from None
+
+
+def _client_under_lock(uri: str) -> Any:
+    from mlflow import MlflowClient
+
     db = _sqlite_file(uri)
     if db is None:
         return MlflowClient(tracking_uri=uri)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridnas import __version__
-from hybridnas.runners.files import atomic_write
+from hybridnas.runners.files import atomic_write, check_writable_dir
 from hybridnas.search_space.config import DataConfig, TrainConfig
 from hybridnas.search_space.errors import SpecError, UserError
 
@@ -499,12 +499,14 @@ def train_arch(
         precision=precision,
         threads=threads,
     )
+    # Before loading and training: a folder that cannot be written should not cost a run.
+    folder = Path(out) if out else Path("runs") / f"train-{spec.arch_hash()}"
+    check_writable_dir(folder, "--out" if out else "output folder")
     shape = expected_shape(data_cfg)
     if shape is not None:
         check_compatible(spec, shape)  # before a slow load or a download
     dataset = load_dataset(data_cfg)
     check_compatible(spec, dataset)
-    folder = Path(out) if out else Path("runs") / f"train-{spec.arch_hash()}"
     dev = resolve_device(cfg.device)
     if on_start is not None:
         on_start(

@@ -8,9 +8,12 @@ table stays fast; each row is its own test, so ``pytest -n 2`` spreads them.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +60,9 @@ def ablation(**keys) -> str:
 
 
 ARCH_YAML = yaml.safe_dump(ARCH, sort_keys=False)
+DIGITS_ARCH_YAML = yaml.safe_dump(
+    {**ARCH, "input": {"channels": 1, "size": 8, "classes": 10}}, sort_keys=False
+)
 BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10"
 
 
@@ -66,13 +72,49 @@ class Case:
     argv: tuple[str, ...]  # after `hybridnas`; the process runs in a fresh directory holding `files`
     words: tuple[str, ...]  # each appears in the error line (the key, flag or file, and what is allowed)
     files: dict[str, str | bytes] = field(default_factory=dict)
-    setup: Callable[[Path], None] | None = None  # e.g. take a permission away
+    # Called with the directory before the run (e.g. to take a permission away); may skip the case,
+    # and may return a function that undoes what it did.
+    setup: Callable[[Path], Callable[[], None] | None] | None = None
 
 
 def _unreadable(d: Path) -> None:
     (d / "a.yaml").chmod(0)
     if os.access(d / "a.yaml", os.R_OK):
         pytest.skip("running as root: every file is readable, so an unreadable file cannot be made")
+
+
+def _read_only_dir(d: Path) -> Callable[[], None]:
+    """``d/ro``: a directory this process cannot write (chmod; as root, the immutable attribute)."""
+    ro = d / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root ignores permissions; the immutable attribute binds root too
+        done = subprocess.run(["chattr", "+i", str(ro)], capture_output=True)
+        if done.returncode != 0 or os.access(ro, os.W_OK):
+            pytest.skip("running as root without chattr +i: no directory can be made unwritable here")
+        return lambda: subprocess.run(["chattr", "-i", str(ro)], check=True)
+    return lambda: ro.chmod(0o755)
+
+
+def _no_gpu(d: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: asking for one is not an error here")
+
+
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+CIFAR_EXPERIMENT = yaml.safe_dump(
+    {**EXPERIMENT, "data": {"dataset": "cifar10", "root": "cifar"}}, sort_keys=False
+)
+CIFAR_ABLATION = yaml.safe_dump(
+    {
+        **ABLATION,
+        "data": {"dataset": "cifar10", "root": "cifar"},
+        "base": {**ARCH, "input": {"channels": 3, "size": 32, "classes": 10}},
+    },
+    sort_keys=False,
+)
 
 
 CASES = [
@@ -88,7 +130,7 @@ CASES = [
     Case("search-synthetic-too-big", ("search", "e.yaml"), ("data.samples", "at most"), {"e.yaml": experiment(data={"samples": 10**7, "size": 64})}),
     Case("search-binary-file", ("search", "e.yaml"), ("e.yaml", "not a UTF-8 text file"), {"e.yaml": BINARY}),
     Case("search-control-character", ("search", "e.yaml"), ("e.yaml", "line 1", "not allowed"), {"e.yaml": "name: a\x00b\n"}),
-    Case("search-epochs-flag", ("search", "e.yaml", "--epochs", "100000"), ("train.epochs", "<= 10,000"), {"e.yaml": experiment()}),
+    Case("search-epochs-flag", ("search", "e.yaml", "--epochs", "100000"), ("--epochs", "<= 10,000"), {"e.yaml": experiment()}),
     Case("search-trials-flag", ("search", "e.yaml", "--trials", "0"), ("--trials", ">= 1"), {"e.yaml": experiment()}),
     Case("search-missing-file", ("search", "nope.yaml"), ("nope.yaml", "not found")),
     # space
@@ -113,11 +155,51 @@ CASES = [
     Case("ablate-data-seed-negative", ("ablate", "a.yaml"), ("data.seed", ">= 0"), {"a.yaml": ablation(data={"dataset": "digits", "seed": -1}), "arch.yaml": ARCH_YAML}),
     Case("ablate-missing-base", ("ablate", "a.yaml"), ("base", "arch.yaml", "not found"), {"a.yaml": ablation()}),
     # train and profile
-    Case("train-lr-nan", ("train", "arch.yaml", "--data", "digits", "--lr", "nan"), ("lr", "finite"), {"arch.yaml": ARCH_YAML}),
-    Case("train-threads-negative", ("train", "arch.yaml", "--data", "digits", "--threads", "-1"), ("threads", ">= 0"), {"arch.yaml": ARCH_YAML}),
-    Case("train-epochs-zero", ("train", "arch.yaml", "--data", "digits", "--epochs", "0"), ("epochs", ">= 1"), {"arch.yaml": ARCH_YAML}),
+    Case("train-lr-nan", ("train", "arch.yaml", "--data", "digits", "--lr", "nan"), ("--lr", "finite", "nan"), {"arch.yaml": ARCH_YAML}),
+    Case("train-lr-zero", ("train", "arch.yaml", "--lr", "0"), ("--lr", "> 0"), {"arch.yaml": ARCH_YAML}),
+    Case("train-threads-negative", ("train", "arch.yaml", "--data", "digits", "--threads", "-1"), ("--threads", ">= 1"), {"arch.yaml": ARCH_YAML}),
+    Case("train-epochs-zero", ("train", "arch.yaml", "--data", "digits", "--epochs", "0"), ("--epochs", ">= 1"), {"arch.yaml": ARCH_YAML}),
+    Case("train-seed-negative", ("train", "arch.yaml", "--seed", "-1"), ("--seed", ">= 0"), {"arch.yaml": ARCH_YAML}),
+    Case("train-unknown-flag", ("train", "arch.yaml", "--bogus"), ("unrecognized arguments: --bogus",), {"arch.yaml": ARCH_YAML}),
+    Case("train-out-under-a-file", ("train", "arch.yaml", "--data", "digits", "--out", "afile/run"), ("--out", "afile is a file"), {"arch.yaml": DIGITS_ARCH_YAML, "afile": "x"}),
+    Case("train-out-read-only", ("train", "arch.yaml", "--data", "digits", "--out", "ro/run"), ("--out", "ro is not writable"), {"arch.yaml": DIGITS_ARCH_YAML}, setup=_read_only_dir),
+    Case("profile-threads-negative", ("profile", "arch.yaml", "--latency", "--threads", "-1"), ("--threads", ">= 1"), {"arch.yaml": ARCH_YAML}),
+    Case("profile-batch-size-zero", ("profile", "arch.yaml", "--latency", "--batch-size", "0"), ("--batch-size", ">= 1"), {"arch.yaml": ARCH_YAML}),
     Case("train-binary-arch", ("train", "arch.yaml"), ("arch.yaml", "not a UTF-8 text file"), {"arch.yaml": BINARY}),
     Case("profile-binary-arch", ("profile", "arch.yaml"), ("arch.yaml", "not a UTF-8 text file"), {"arch.yaml": BINARY}),
+    Case("search-missing-argument", ("search",), ("required: experiment", "hybridnas search --help")),
+    # the data a search needs, checked in the driver before MLflow or Ray
+    Case("search-cifar10-missing", ("search", "e.yaml"), ("cifar10: no batch files in", "cifar", "download: true"), {"e.yaml": CIFAR_EXPERIMENT}),
+    Case(
+        "search-cifar10-one-file-missing", ("search", "e.yaml"), ("cifar-10-batches-py has", "but not data_batch_4"),
+        {"e.yaml": CIFAR_EXPERIMENT, **{f"cifar/cifar-10-batches-py/{f}": b"" for f in CIFAR10_FILES if f != "data_batch_4"}},
+    ),
+    Case("ablate-cifar10-missing", ("ablate", "a.yaml"), ("cifar10: no batch files in",), {"a.yaml": CIFAR_ABLATION}),
+    # what this machine or cluster lacks, reported before mlflow.db or mlruns/ exist
+    Case("search-resources-cpu-1000", ("search", "e.yaml"), ("resources.cpu", "asks for 1000", "this machine has"), {"e.yaml": experiment(resources={"cpu": 1000})}),
+    Case("ablate-resources-cpu-1000", ("ablate", "a.yaml"), ("resources.cpu", "asks for 1000"), {"a.yaml": ablation(resources={"cpu": 1000}), "arch.yaml": ARCH_YAML}),
+    Case("search-resources-gpu", ("search", "e.yaml"), ("resources.gpu", "asks for 1"), {"e.yaml": experiment(resources={"gpu": 1})}, setup=_no_gpu),
+    Case("search-latency-cuda", ("search", "e.yaml"), ("latency.device", "no CUDA GPU"), {"e.yaml": experiment(latency={"device": "cuda"})}, setup=_no_gpu),
+    Case("ablate-latency-cuda", ("ablate", "a.yaml"), ("latency.device", "no CUDA GPU"), {"a.yaml": ablation(latency={"device": "cuda"}), "arch.yaml": ARCH_YAML}, setup=_no_gpu),
+    Case("search-train-device-cuda", ("search", "e.yaml"), ("train.device", "no GPU"), {"e.yaml": experiment(train={"device": "cuda"})}, setup=_no_gpu),
+    # output folders that cannot be written: nothing created, not even the tracking store
+    Case("search-out-under-a-file", ("search", "e.yaml", "--out", "afile/out"), ("--out", "afile is a file"), {"e.yaml": experiment(), "afile": "x"}),
+    Case("search-out-dir-read-only", ("search", "e.yaml"), ("out_dir", "ro is not writable"), {"e.yaml": experiment(out_dir="ro/out")}, setup=_read_only_dir),
+    Case("ablate-out-under-a-file", ("ablate", "a.yaml", "--out", "afile/out"), ("--out", "afile is a file"), {"a.yaml": ablation(), "arch.yaml": ARCH_YAML, "afile": "x"}),
+    Case("ablate-out-dir-read-only", ("ablate", "a.yaml"), ("out_dir", "ro is not writable"), {"a.yaml": ablation(out_dir="ro/out"), "arch.yaml": ARCH_YAML}, setup=_read_only_dir),
+    Case("export-out-under-a-file", ("export", "--experiment", "x", "--out", "afile/x.yaml"), ("--out", "afile is a file"), {"afile": "x"}),
+    Case("export-pareto-out-read-only", ("export", "--experiment", "x", "--select", "pareto", "--out", "ro/front"), ("--out", "ro is not writable"), setup=_read_only_dir),
+    Case("pareto-out-under-a-file", ("pareto", "--experiment", "x", "--out", "afile/p"), ("--out", "afile is a file"), {"afile": "x"}),
+    # tracking stores MLflow has no store for
+    Case("search-tracking-uri-unknown-scheme", ("search", "e.yaml", "--tracking-uri", "foo://bar"), ("tracking URI foo://bar", "no MLflow store", "sqlite"), {"e.yaml": experiment()}),
+    Case("export-tracking-uri-unknown-scheme", ("export", "--experiment", "x", "--tracking-uri", "foo://bar"), ("tracking URI foo://bar", "no MLflow store")),
+    # clusters that are not there: fail within seconds, before MLflow
+    Case("search-address-closed-port", ("search", "e.yaml", "--address", "127.0.0.1:1"), ("cannot join the Ray cluster at '127.0.0.1:1'", "refused"), {"e.yaml": experiment()}),
+    Case("search-address-ray-client-closed-port", ("search", "e.yaml", "--address", "ray://127.0.0.1:1"), ("cannot join the Ray cluster at 'ray://127.0.0.1:1'",), {"e.yaml": experiment()}),
+    Case("search-address-not-ray", ("search", "e.yaml", "--address", "127.0.0.1:{http_port}"), ("answers, but not as a Ray cluster",), {"e.yaml": experiment()}),
+    Case("search-address-malformed", ("search", "e.yaml", "--address", "host:port"), ("expected HOST:PORT",), {"e.yaml": experiment()}),
+    Case("ablate-address-closed-port", ("ablate", "a.yaml", "--address", "127.0.0.1:1"), ("cannot join the Ray cluster at '127.0.0.1:1'",), {"a.yaml": ablation(), "arch.yaml": ARCH_YAML}),
+    Case("search-connect-timeout-zero", ("search", "e.yaml", "--connect-timeout", "0"), ("--connect-timeout", "> 0"), {"e.yaml": experiment()}),
 ]  # fmt: skip
 
 
@@ -151,14 +233,38 @@ def run_cli(
     return res, time.monotonic() - t
 
 
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_port(tmp_path_factory):
+    """A port on loopback where something answers that is not Ray (a plain HTTP server)."""
+    handler = functools.partial(_Quiet, directory=str(tmp_path_factory.mktemp("www")))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_exits_2_with_one_line_naming_it_and_leaves_nothing_behind(case: Case, tmp_path: Path):
+def test_bad_input_exits_2_with_one_line_naming_it_and_leaves_nothing_behind(
+    case: Case, tmp_path: Path, request: pytest.FixtureRequest
+):
     for name, content in case.files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-    if case.setup is not None:
-        case.setup(tmp_path)
+    undo = case.setup(tmp_path) if case.setup is not None else None
+    if undo is not None:
+        request.addfinalizer(undo)
+    argv = list(case.argv)
+    if any("{http_port}" in a for a in argv):
+        port = request.getfixturevalue("http_port")
+        argv = [a.replace("{http_port}", str(port)) for a in argv]
     before = _tree(tmp_path)
-    res, seconds = run_cli(list(case.argv), tmp_path)
+    res, seconds = run_cli(argv, tmp_path)
     err = res.stderr
     assert "Traceback" not in err + res.stdout, err
     assert res.returncode == 2, f"exit {res.returncode}; stderr: {err}"

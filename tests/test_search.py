@@ -387,6 +387,27 @@ def test_trials_that_raise_or_diverge_are_failed_and_the_search_goes_on(ray_loca
     assert all(_status(by_trial[t]) == "ok" for t in by_trial if t not in ("1", "2", "3"))
 
 
+def test_a_search_in_which_every_trial_failed_exits_1_naming_the_most_common_error(
+    ray_local, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("HYBRIDNAS_FAULTS", "0:raise,1:raise")
+    exp = _experiment(tmp_path, "allfail", {"sampler": "random", "trials": 2, "concurrency": 2, "seed": 2})
+    assert cli.main(["search", exp.path]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "hybridnas: error: no trial trained: 2 of 2 failed; the most common error (2 of 2): "
+        "RuntimeError: fault injected by HYBRIDNAS_FAULTS into trial"
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.search_runs(
+        [client.get_experiment_by_name("allfail").experiment_id], "tags.`hybridnas.kind` = 'search'"
+    )[0]
+    assert parent.info.status == "FAILED" and parent.data.tags["hybridnas.error"].startswith(
+        "no trial trained"
+    )
+    assert not (Path(exp.out_dir) / "exported").exists()  # no front, nothing exported
+
+
 def test_unreachable_tracking_server_fails_fast_with_exit_2(tmp_path, capsys):
     exp = _experiment(tmp_path, "dead", {"sampler": "random", "trials": 2})
     with socket.socket() as s:  # a port nobody listens on

@@ -285,6 +285,13 @@ def set_recipe_value(data: st.DataObject, d: dict) -> None:
     d[section] = {**old, key: data.draw(CONFIG_VALUES, label="value")}
 
 
+def mutated_recipe(data: st.DataObject, base: dict) -> dict:
+    """``base`` mutated anywhere (half the time) and with one train:/data: value set at random."""
+    d = mutate(data, base, FILE_KEYS) if data.draw(st.booleans(), label="mutate") else copy.deepcopy(base)
+    set_recipe_value(data, d)
+    return d
+
+
 def assert_meaningful_recipe(train: TrainConfig, data: DataConfig) -> None:
     """What a loaded train:/data: pair promises the trainer: every number finite and inside its range."""
     floats = (train.lr, train.weight_decay, train.momentum, train.warmup_epochs, train.label_smoothing)
@@ -355,12 +362,7 @@ BYTE_EDITS = st.lists(
 @settings(SETTINGS, max_examples=100)
 @given(data=st.data())
 def test_mutated_experiment_dicts_load_with_a_meaningful_recipe_or_raise_spec_error(data):
-    d = (
-        mutate(data, EXPERIMENT, FILE_KEYS)
-        if data.draw(st.booleans(), label="mutate")
-        else copy.deepcopy(EXPERIMENT)
-    )
-    set_recipe_value(data, d)
+    d = mutated_recipe(data, EXPERIMENT)
     check_experiment(loads_or_raises_own_error(lambda: Experiment.from_dict(d)))
 
 
@@ -392,12 +394,7 @@ ABLATION = {
 @settings(SETTINGS, max_examples=100)
 @given(data=st.data())
 def test_mutated_ablation_dicts_load_with_a_meaningful_recipe_or_raise_spec_error(data):
-    d = (
-        mutate(data, ABLATION, FILE_KEYS)
-        if data.draw(st.booleans(), label="mutate")
-        else copy.deepcopy(ABLATION)
-    )
-    set_recipe_value(data, d)
+    d = mutated_recipe(data, ABLATION)
     if data.draw(st.booleans(), label="a train factor"):
         key = data.draw(st.sampled_from(list(TrainConfig.__dataclass_fields__)), label="factor")
         if isinstance(d.get("vary"), dict):
