@@ -19,7 +19,7 @@ from ray import cloudpickle
 from ray.tune.search import Searcher
 
 from hybridnas.runners.files import atomic_write
-from hybridnas.runners.internals import restore_sampler_locks, sampler_without_locks
+from hybridnas.runners.internals import picklable_sampler, restore_sampler_locks, sampler_without_locks
 from hybridnas.runners.trial import STATUS_INFEASIBLE, STATUS_OK, proposal
 from hybridnas.search_space.errors import SpecError
 
@@ -164,9 +164,9 @@ def make_sampler(sampler: str, seed: int, trials: int, grid_space: dict | None =
         )
     population = max(4, min(50, trials // 3))
     if sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+        return picklable_sampler(optuna.samplers.NSGAIISampler(seed=seed, population_size=population))
     if sampler == "nsga3":
-        return optuna.samplers.NSGAIIISampler(seed=seed, population_size=population)
+        return picklable_sampler(optuna.samplers.NSGAIIISampler(seed=seed, population_size=population))
     if sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if sampler == "grid":
