@@ -92,10 +92,9 @@ class ACmix(nn.Module):
         qkv = self.qkv(x)  # (B, 3C, H, W); channel t*C + n*hd + i for t in (q, k, v), head n
         q, k, v = qkv.view(B, 3, N, hd, H, W).unbind(1)
 
-        # Attention path. q.(pe(p) - pe(p+d)) = -(q . W_p) . d = dy * pos_y + dx * pos_x.
+        # Attention path. q.(pe(p) - pe(p+d)) = -q . (W_p d): the kernel's linear position term.
         q = q * self.scale
-        pos = torch.einsum("bnchw,ck->bnkhw", q, -self.pe)
-        att = self.attention(q, k, v, self.kernel_att, pos=pos).reshape(B, C, H, W)
+        att = self.attention(q, k, v, self.kernel_att, pe=-self.pe).reshape(B, C, H, W)
 
         # Conv path: the FC mixes the 3N maps of each head-dim index i into k_c^2 maps, which the
         # grouped conv (group i) shifts and sums. The official code does not scale q here either.

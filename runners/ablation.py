@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.files import shown
-from hybridnas.runners.resume import check_state, fingerprint, parent_guard, write_state
+from hybridnas.runners.resume import (
+    Stop,
+    check_can_start,
+    check_state,
+    close_orphans,
+    fingerprint,
+    nothing_trained,
+    parent_guard,
+    write_state,
+)
 from hybridnas.runners.trial import TrialConfig
 from hybridnas.search_space.errors import SpecError, UserError
 
@@ -45,6 +54,11 @@ class AblationResult:
     counts: dict[str, int]
     ui_command: str
     interrupted: bool = False
+    stopped_by: str | None = None  # SIGINT | SIGTERM, when interrupted
+    experiment_id: str = ""
+    runs_url: str = ""  # the MLflow UI's runs table of the experiment (`runners.store.runs_url`)
+    parent_url: str = ""  # the MLflow UI's page of the study's parent run
+    nothing_trained: str | None = None  # why no trial trained, in one line (then there is no table)
 
 
 def ablation_trial(config: dict) -> None:
@@ -63,12 +77,14 @@ def measure_variants(study: Any, input_spec: Any) -> dict[str, dict]:
 
     Runs before anything trains: a variant that cannot be built for this data is a `SpecError`
     naming the variant and the reason. An ablation has a handful of variants, so each one's latency
-    is measured end to end (`runners.measure.latency`, median of 50 runs) rather than predicted
+    is measured end to end (`runners.latency.latency`, median of 50 runs) rather than predicted
     from the lookup table a search needs for thousands of candidates.
     """
-    from hybridnas.runners.measure import latency, profile_spec
+    from hybridnas.runners.latency import LatencyContext, latency
+    from hybridnas.runners.macs import profile_spec
     from hybridnas.search_space.build import build_model
 
+    ctx = LatencyContext.from_config(study.latency)
     out = {}
     for v in study.variants:
         if v.spec.input != input_spec:
@@ -83,14 +99,7 @@ def measure_variants(study: Any, input_spec: Any) -> dict[str, dict]:
         except (ValueError, RuntimeError) as e:
             raise SpecError(f"variant {v.name!r}", f"cannot be built: {e}") from None
         inp = v.spec.input
-        lat = latency(
-            build_model(v.spec),
-            (inp.channels, inp.size, inp.size),
-            device=study.latency.device,
-            batch_size=study.latency.batch_size,
-            threads=study.latency.threads,
-            runs=50,
-        )["median_ms"]
+        lat = latency(build_model(v.spec), (inp.channels, inp.size, inp.size), ctx, runs=50)["median_ms"]
         out[v.name] = {"macs": p["macs"], "flops": p["flops"], "params": p["params"], "latency_ms": lat}
     return out
 
@@ -101,7 +110,7 @@ def _shape(i: Any) -> str:
 
 def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
     """Finished child runs of the study by (variant, seed) key; unfinished ones are deleted."""
-    from hybridnas.runners.store import FINISHED, child_runs
+    from hybridnas.runners.store import FINISHED, child_runs, close_unfinished_run
 
     done = {}
     for run in child_runs(client, exp_id, parent):
@@ -109,14 +118,24 @@ def _finished_runs(client: Any, exp_id: str, parent: str) -> dict[str, Any]:
         key = tags.get("hybridnas.run_key")
         if key and tags.get("hybridnas.status") in FINISHED:
             done[key] = run
-        elif key:
-            client.delete_run(run.info.run_id)  # cut short by an interruption: it runs again
+        elif key:  # cut short by an interruption (or left RUNNING by a killed driver): it runs again
+            close_unfinished_run(client, run)
+            client.delete_run(run.info.run_id)
     return done
 
 
-def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> str:
-    from hybridnas.runners.store import log_params
+EXPERIMENT_NOTE = (
+    "Ablations of hybrid conv/attention backbones by hybridnas: one parent run per study "
+    "(tag hybridnas.kind = ablation) holding its table (ablation.md, also its description) and "
+    "per-variant metrics (mean/, diff/, ci_low/, ci_high/), and one child run per variant and seed, "
+    "tagged variant, factor, value and seed (group the runs by the tag variant to chart them)."
+)
 
+
+def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> str:
+    from hybridnas.runners.store import describe_experiment, log_params, provenance_tags, search_id, set_tags
+
+    describe_experiment(client, exp_id, EXPERIMENT_NOTE)
     run = client.create_run(
         exp_id,
         run_name=study.name,
@@ -128,6 +147,7 @@ def _start_parent(client: Any, exp_id: str, study: Any, out: Path, uri: str) -> 
         },
     )
     pid = run.info.run_id
+    set_tags(client, pid, provenance_tags(study.path, search_id(study.name, pid)))
     params = {
         "mode": study.mode,
         "seeds": ",".join(map(str, study.seeds)),
@@ -191,8 +211,30 @@ def run_ablation(
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    connect_timeout: float | None = None,
 ) -> AblationResult:
-    """Train every (variant, seed) of ``study`` not finished yet, then write and log the table."""
+    """Train every (variant, seed) of ``study`` not finished yet, then write and log the table.
+
+    Everything that can be wrong with the file, the data, the output folder, the resources and the
+    cluster (joined here, within ``connect_timeout`` seconds) raises a `UserError` before the
+    tracking store is touched. When no trial trained, ``nothing_trained`` says why (and no table
+    is written). SIGINT and SIGTERM stop it cleanly (`runners.resume.Stop`): it returns
+    ``interrupted`` without a table (or raises `Interrupted` outside the trials); no run is left
+    RUNNING."""
+    with Stop() as stop:
+        return _ablate(study, tracking_uri, address, resume, out_dir, progress, stop, connect_timeout)
+
+
+def _ablate(
+    study: Any,
+    tracking_uri: str | None,
+    address: str | None,
+    resume: bool,
+    out_dir: str | os.PathLike | None,
+    progress: Callable[[str], None] | None,
+    stop: Stop,
+    connect_timeout: float | None = None,
+) -> AblationResult:
     from hybridnas.runners import store as tr
 
     say = progress if callable(progress) else (lambda line: None)
@@ -204,6 +246,8 @@ def run_ablation(
     from hybridnas.runners.data import input_for
 
     input_spec = input_for(study.data)
+    out_what = "--out" if out_dir else "out_dir"
+    check_can_start(out, out_what, study.resources, study.train, study.latency, address, connect_timeout)
     measures = measure_variants(study, input_spec)
 
     uri = tr.resolve_tracking_uri(tracking_uri or (state or {}).get("tracking_uri") or study.tracking.uri)
@@ -224,8 +268,9 @@ def run_ablation(
             "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         }
         write_state(out, state, STATE_FILE)
-    with parent_guard(client, parent):
-        return _run_study(study, client, uri, exp_id, parent, out, measures, address, progress, say)
+    close_orphans(client, exp_id, "ablation", out, keep=parent)
+    with parent_guard(client, parent, stop, "ablation", out):
+        return _run_study(study, client, uri, exp_id, parent, out, measures, address, progress, say, stop)
 
 
 def _run_study(
@@ -239,6 +284,7 @@ def _run_study(
     address: str | None,
     progress: Callable[[str], None] | None,
     say: Callable[[str], None],
+    stop: Stop,
 ) -> AblationResult:
     from hybridnas.runners import ablation_table as at
     from hybridnas.runners import store as tr
@@ -275,6 +321,7 @@ def _run_study(
 
         torch.set_num_threads(1)
         init_ray(address, workers=study.concurrency)
+        stop.rearm()
         from ray import tune
 
         from hybridnas.runners.ray_runtime import trial_actors_on_prestarted_workers
@@ -305,17 +352,12 @@ def _run_study(
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
-        with trial_actors_on_prestarted_workers():
+        with trial_actors_on_prestarted_workers(), stop.tune():
             tuner.fit()
 
     results, counts = _results_from_mlflow(client, exp_id, parent)
-    if sum(counts.values()) < total:
-        # Tune stopped early (Ctrl-C): no table that looks complete, and never a plain success.
-        client.set_terminated(parent, "KILLED")
-        say(
-            f"interrupted: {sum(counts.values())}/{total} trials finished; no table written; continue with: "
-            f"hybridnas ablate {study.path or '<file>'} --resume"
-        )
+
+    def no_table(**why: Any) -> AblationResult:
         return AblationResult(
             name=study.name,
             parent_run_id=parent,
@@ -327,8 +369,25 @@ def _run_study(
             skipped=len(done),
             counts=counts,
             ui_command=tr.ui_command(uri),
-            interrupted=True,
+            **_urls(uri, exp_id, parent),
+            **why,
         )
+
+    if sum(counts.values()) < total:
+        # Tune stopped early (Ctrl-C, SIGTERM): no table that looks complete, never a plain success.
+        reason = stop.reason or "SIGINT"
+        tr.close_unfinished(client, exp_id, parent)
+        client.set_terminated(parent, "KILLED")
+        say(
+            f"interrupted ({reason}): {sum(counts.values())}/{total} trials finished; no table written; "
+            f"the study is saved in {out}"
+        )
+        return no_table(interrupted=True, stopped_by=reason)
+    why = nothing_trained(client, exp_id, parent)
+    if why:
+        tr.set_tags(client, parent, {"hybridnas.error": why})
+        client.set_terminated(parent, "FAILED")
+        return no_table(nothing_trained=why)
     if not any(r["variant"] == "base" for r in results):
         client.set_terminated(parent, "FAILED")
         raise AblationError(
@@ -338,10 +397,12 @@ def _run_study(
     files = write_outputs(rows, out, study)
     for f in files:
         client.log_artifact(parent, str(f))
-    for r in rows:
-        if r.variant != "base":
-            key = r.variant.replace("=", "_").replace(",", "").replace(" ", "")[:200]
-            tr.log_metrics(client, parent, {f"diff.{_metric_key(key)}": r.diff})
+    tr.log_metrics(client, parent, variant_metrics(rows))
+    note = (
+        f"hybridnas ablation `{study.path or study.name}`: {len(study.variants)} variants x {len(study.seeds)} "
+        f"seeds ({counts['ok']} ok, {counts['failed']} failed)\n\n"
+    )
+    client.set_tag(parent, "mlflow.note.content", note + files[0].read_text())  # files[0]: ablation.md
     client.set_terminated(parent, "FINISHED")
     say("")
     say(at.to_text(rows, study.confidence))
@@ -351,7 +412,6 @@ def _run_study(
         "difference to the base excludes zero (Welch's t-test)"
     )
     say("wrote " + ", ".join(shown(f) for f in files))
-    say(f"browse: {tr.ui_command(uri)}")
     return AblationResult(
         name=study.name,
         parent_run_id=parent,
@@ -363,12 +423,36 @@ def _run_study(
         skipped=len(done),
         counts=counts,
         ui_command=tr.ui_command(uri),
+        **_urls(uri, exp_id, parent),
     )
+
+
+def _urls(uri: str, exp_id: str, parent: str) -> dict[str, str]:
+    from hybridnas.runners import store as tr
+
+    return {
+        "experiment_id": exp_id,
+        "runs_url": tr.runs_url(uri, exp_id),
+        "parent_url": tr.run_url(uri, exp_id, parent),
+    }
+
+
+def variant_metrics(rows: list) -> dict[str, float]:
+    """The table as metrics of the parent run, one per statistic and variant: ``mean/<variant>``,
+    ``diff/<variant>`` (to the base), ``ci_low/<variant>`` and ``ci_high/<variant>`` (val_acc,
+    0-1). MLflow's chart view groups them by statistic, one chart per variant."""
+    out = {}
+    for r in rows:
+        key = _metric_key(r.variant.replace("stages.", "s").replace(", ", " ").replace("=", "_"))
+        out[f"mean/{key}"] = r.mean
+        if r.variant != "base":
+            out.update({f"diff/{key}": r.diff, f"ci_low/{key}": r.ci_low, f"ci_high/{key}": r.ci_high})
+    return out  # NaN bounds (a single seed) are left out by `store.log_metrics`
 
 
 def _metric_key(s: str) -> str:
     # MLflow metric names allow alphanumerics, _ - . / and spaces.
-    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in s)
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in s)[:200]
 
 
 def write_outputs(rows: list, out: Path, study: Any) -> list[Path]:

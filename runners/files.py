@@ -1,4 +1,5 @@
-"""Writing files so that a reader, or a crash, never sees half of one."""
+"""Writing files so that a reader, or a crash, never sees half of one; checking, before any work,
+that the place they go to can be written."""
 
 from __future__ import annotations
 
@@ -6,6 +7,48 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from hybridnas.search_space.errors import UserError
+
+
+class OutputError(UserError):
+    """An output path that cannot be written (under a regular file, in a read-only directory)."""
+
+
+def check_writable_dir(path: str | Path, what: str = "--out") -> Path:
+    """``path`` made absolute, once it is certain that this process can create it (or write into
+    it, when it exists) as a directory; otherwise an `OutputError` naming ``what`` and the path.
+
+    Creates nothing: commands call this before they create a tracking store, a run or a folder, so a
+    bad ``--out`` leaves nothing behind.
+    """
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{what} {shown(p)}: is a file, not a directory")
+    _check_creatable(p, p, what)
+    return p
+
+
+def check_writable_file(path: str | Path, what: str = "--out") -> Path:
+    """``path`` made absolute, once it is certain that a file can be written there (its folder can
+    be made, or written into); otherwise an `OutputError`. Creates nothing."""
+    p = Path(path).expanduser().absolute()
+    if p.is_dir():
+        raise OutputError(f"{what} {shown(p)}: is a directory, not a file")
+    _check_creatable(p, p.parent, what)
+    return p
+
+
+def _check_creatable(target: Path, folder: Path, what: str) -> None:
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(
+            f"{what} {shown(target)}: {shown(existing)} is a file, so nothing can be made under it"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {shown(target)}: directory {shown(existing)} is not writable")
 
 
 def atomic_write(path: str | Path, data: str | bytes | Callable[[str], None]) -> Path:

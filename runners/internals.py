@@ -57,6 +57,33 @@ def sampler_without_locks(sampler: Any) -> Iterator[None]:
             vars(s).pop(_LOCKS_ATTR, None)
 
 
+class _PicklableLock:
+    """A lock for ``with`` blocks that pickles as a new, unlocked lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)
+
+    def __reduce__(self) -> tuple:
+        return (_PicklableLock, ())
+
+
+def picklable_sampler(sampler: Any) -> Any:
+    """``sampler`` with every thread lock it holds (Optuna 5.1's NSGA-II/III keep one, used only in
+    ``with`` blocks) replaced by one that pickles, so the sampler pickles wherever Ray Tune needs it."""
+    for s in _samplers(sampler):
+        for k, v in list(vars(s).items()):
+            if isinstance(v, _LOCK_TYPES):
+                setattr(s, k, _PicklableLock())
+                log.debug("optuna: %s.%s made picklable", type(s).__name__, k)
+    return sampler
+
+
 def restore_sampler_locks(sampler: Any) -> None:
     """Fresh locks where `sampler_without_locks` took them out before pickling."""
     for s in _samplers(sampler):

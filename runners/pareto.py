@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hybridnas.runners.fmt import human
+
 MODES = ("max", "min")
 # The default when a parent run does not say which objectives it searched.
 DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (("val_acc", "max"), ("macs", "min"))
@@ -51,7 +53,8 @@ LABELS = {
     "macs": "MACs (multiply-accumulates)",
     "flops": "FLOPs (= 2 x MACs)",
     "params": "parameters",
-    "latency_ms": "latency (ms, predicted)",
+    "latency_ms": "latency (ms; measured where measured, else predicted)",
+    "latency_ms_predicted": "latency (ms, predicted)",
     "latency_ms_measured": "latency (ms, measured)",
     "train_time_s": "training time (s)",
     "imgs_per_s": "training throughput (images/s)",
@@ -195,6 +198,37 @@ def reference_point(
     return np.asarray(ref, dtype=float)
 
 
+# The best value each metric can take, where it has one: accuracy tops out at 1, every other
+# hybridnas metric is a count or a time (>= 0, best at 0 when minimised).
+_UPPER = {"val_acc": 1.0}
+
+
+def ideal_point(objectives: Iterable[Any]) -> np.ndarray | None:
+    """The best point the objectives can reach in principle (0 for a minimised metric, 1 for
+    accuracy); None when a maximised objective has no upper bound."""
+    ideal = []
+    for metric, mode in objective_pairs(objectives):
+        if mode == "min":
+            ideal.append(0.0)
+        elif metric in _UPPER:
+            ideal.append(_UPPER[metric])
+        else:
+            return None
+    return np.asarray(ideal, dtype=float)
+
+
+def normalized_hypervolume(
+    value: float, objectives: Iterable[Any], reference: Sequence[float]
+) -> float | None:
+    """``value`` as a share of the box between the reference and the ideal point (0-1): 1 would be
+    an architecture with perfect accuracy and no cost. None without an ideal point or box."""
+    ideal = ideal_point(objectives)
+    if ideal is None:
+        return None
+    box = float(np.prod(np.abs(np.asarray(reference, dtype=float) - ideal)))
+    return value / box if box > 0 and math.isfinite(box) else None
+
+
 class HypervolumeTracker:
     """Hypervolume after each finished trial of a search, with the reference fixed at the first one.
 
@@ -229,6 +263,14 @@ class HypervolumeTracker:
         if not self.points:
             return 0.0
         return hypervolume(np.array(self.points), self.modes, self.reference)
+
+    @property
+    def normalized(self) -> float | None:
+        """`value` as a share of the reference box (`normalized_hypervolume`); None before the
+        first point or when the objectives have no ideal point."""
+        if self.reference is None:
+            return None
+        return normalized_hypervolume(self.value, self.objectives, self.reference)
 
 
 def knee(points: Any, modes: Sequence[str]) -> int:
@@ -320,26 +362,6 @@ def arch_summary(spec: Any) -> str:
     return " | ".join(parts)
 
 
-def human(value: Any, metric: str = "") -> str:
-    """Short human form of a metric value: 0.9731 -> 97.31%, 12345678 MACs -> 12.35M."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(v):
-        return "-"
-    if metric == "val_acc":
-        return f"{100 * v:.2f}%"
-    if metric in ("macs", "flops", "params"):
-        for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-            if abs(v) >= div:
-                return f"{v / div:.2f}{suffix}"
-        return f"{v:.0f}"
-    if metric.endswith("_ms"):
-        return f"{v:.3f}"
-    return f"{v:.4g}"
-
-
 def trial_key(t: Any) -> tuple:
     """Sort trial ids naturally: '2' before '10', Ray ids 'abc_00002' by their number."""
     s = str(t)
@@ -385,13 +407,34 @@ def feasible_table(df: pd.DataFrame, objectives: Iterable[Any]) -> pd.DataFrame:
     t = t.sort_values(
         ["rank", first_metric, "_trial_key"], ascending=[True, first_mode == "min", True], kind="stable"
     )
-    return t.drop(columns=["_trial_key"]).reset_index(drop=True)
+    return show_measured_latency(t.drop(columns=["_trial_key"]).reset_index(drop=True))
+
+
+def show_measured_latency(t: pd.DataFrame) -> pd.DataFrame:
+    """``latency_ms`` as a user should read it: the end-to-end measurement where the trial was
+    measured (``latency_ms_measured``, the front after a search), else the table's prediction,
+    which stays beside it as ``latency_ms_predicted``. Applied after the front is chosen, so the
+    ``pareto`` flags and ranks are those of the values the search optimised. Applying it again
+    changes nothing; without a ``latency_ms_measured`` column it returns ``t`` as it is."""
+    if not {"latency_ms", "latency_ms_measured"} <= set(t.columns):
+        return t
+    t = t.copy()
+    predicted = pd.to_numeric(t["latency_ms"], errors="coerce")
+    if "latency_ms_predicted" in t.columns:
+        earlier = pd.to_numeric(t["latency_ms_predicted"], errors="coerce")
+        predicted = earlier.where(np.isfinite(earlier), predicted)
+    measured = pd.to_numeric(t["latency_ms_measured"], errors="coerce")
+    t["latency_ms_predicted"] = predicted
+    t["latency_ms"] = measured.where(np.isfinite(measured), predicted)
+    return t
 
 
 def _csv_frame(t: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
     metrics = [m for m, _ in objectives]
     lead = ["trial", "run_id", "pareto", "rank"]
     metric_cols = metrics + [c for c in METRIC_COLUMNS if c not in metrics]
+    if "latency_ms" in metric_cols:  # the prediction beside the latency shown
+        metric_cols.insert(metric_cols.index("latency_ms") + 1, "latency_ms_predicted")
     tail = ["arch_summary", "arch_hash", "status", "parent_run_id"]
     order = [c for c in lead + metric_cols + tail if c in t.columns]
     rest = [c for c in t.columns if c not in order and c != "arch"]
@@ -405,7 +448,7 @@ def front_table(df: pd.DataFrame, objectives: Iterable[Any], front_only: bool = 
     if front_only:
         t = t[t["pareto"]]
     metrics = [m for m, _ in objs] + [
-        c for c in ("val_acc", "macs", "params", "latency_ms") if c not in dict(objs)
+        c for c in ("val_acc", "macs", "params", "latency_ms", "latency_ms_predicted") if c not in dict(objs)
     ]
     metrics = [m for m in metrics if m in t.columns]
     header = ["trial", *metrics, "arch"]
@@ -433,6 +476,16 @@ def _step_where(x_mode: str) -> str:
     return "post" if x_mode == "min" else "pre"
 
 
+def _predicted_positions(t: pd.DataFrame, xm: str, ym: str) -> tuple[pd.DataFrame, list, list]:
+    """The measured trials and where their predicted latency would put them (when an axis is latency)."""
+    if "latency_ms" not in (xm, ym) or "latency_ms_predicted" not in t.columns:
+        return t.iloc[:0], [], []
+    rows = t[np.isfinite(pd.to_numeric(t["latency_ms_measured"], errors="coerce"))]
+    px = rows["latency_ms_predicted" if xm == "latency_ms" else xm].astype(float).tolist()
+    py = rows["latency_ms_predicted" if ym == "latency_ms" else ym].astype(float).tolist()
+    return rows, px, py
+
+
 def _png(t, y, x, front2, title) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
@@ -455,9 +508,16 @@ def _png(t, y, x, front2, title) -> bytes:
     f = t[front2].sort_values(xm, kind="stable")
     ax.step(f[xm], f[ym], where=_step_where(xmode), color="C0", lw=1.5, zorder=3)
     ax.scatter(f[xm], f[ym], s=40, color="C0", label=f"Pareto front: {ym} vs {xm}", zorder=4)
-    bars = _error_bars(f, xm, ym)
+    bars = error_bars(f, xm, ym)
     if bars:  # seed means of repeated members: +- one standard deviation
         ax.errorbar(f[xm], f[ym], **bars, fmt="none", ecolor="C0", alpha=0.6, capsize=3, zorder=3)
+    rows, px, py = _predicted_positions(t, xm, ym)
+    if len(rows):  # the measured trials sit at their measurement; their prediction is drawn beside
+        ax.scatter(
+            px, py, marker="x", s=18, color="0.35", label="predicted latency (measured trials)", zorder=2
+        )
+        for a, b, c, d in zip(px, py, rows[xm].astype(float), rows[ym].astype(float)):
+            ax.plot([a, c], [b, d], color="0.6", lw=0.6, zorder=1)
     for _, r in f.iterrows():
         ax.annotate(
             str(r.get("trial", "")), (r[xm], r[ym]), textcoords="offset points", xytext=(4, 4), fontsize=7
@@ -480,83 +540,12 @@ def _png(t, y, x, front2, title) -> bytes:
     return buf.getvalue()
 
 
-def _error_bars(f: pd.DataFrame, xm: str, ym: str) -> dict[str, list[float]]:
+def error_bars(f: pd.DataFrame, xm: str, ym: str) -> dict[str, list[float]]:
     """``{"yerr": [...]}`` / ``{"xerr": [...]}`` for a val_acc axis when the front has seed spreads."""
     if "val_acc_sd" not in f.columns or not (pd.to_numeric(f["val_acc_sd"], errors="coerce") > 0).any():
         return {}
     sd = pd.to_numeric(f["val_acc_sd"], errors="coerce").fillna(0.0).astype(float).tolist()
     return {"yerr": sd} if ym == "val_acc" else {"xerr": sd} if xm == "val_acc" else {}
-
-
-def _hover(r: Mapping[str, Any], metrics: list[str]) -> str:
-    lines = [f"trial {r.get('trial', '')}", str(r.get("arch_summary", ""))]
-    lines += [f"{m}: {human(r.get(m), m)}" for m in metrics if m in r]
-    if pd.notna(r.get("val_acc_sd")) and int(r.get("seeds") or 1) > 1:
-        lines.append(f"val_acc over {int(r['seeds'])} seeds: sd {100 * float(r['val_acc_sd']):.2f} points")
-    if r.get("run_id"):
-        lines.append(f"run {r['run_id']}")
-    return "<br>".join(lines)
-
-
-def _html(t, y, x, front2, title, metrics) -> str:
-    import plotly.graph_objects as go
-    import plotly.io as pio
-
-    (ym, ymode), (xm, xmode) = y, x
-
-    def trace(rows: pd.DataFrame, **kw) -> go.Scatter:
-        # Plain lists, not numpy arrays: plotly >= 6 would base64-encode arrays in the page.
-        return go.Scatter(
-            x=rows[xm].astype(float).tolist(),
-            y=rows[ym].astype(float).tolist(),
-            hovertext=[_hover(r, metrics) for r in rows.to_dict("records")],
-            hoverinfo="text",
-            **kw,
-        )
-
-    fig = go.Figure()
-    fig.add_trace(
-        trace(t, mode="markers", name=f"all feasible trials ({len(t)})", marker={"color": "#a6a6a6"})
-    )
-    full_only = t["pareto"].to_numpy() & ~front2
-    if full_only.any():
-        fig.add_trace(
-            trace(
-                t[full_only],
-                mode="markers",
-                name="on the front of all objectives",
-                marker={"color": "rgba(0,0,0,0)", "size": 11, "line": {"color": "#ff7f0e", "width": 2}},
-            )
-        )
-    f = t[front2].sort_values(xm, kind="stable")
-    bars = {
-        ("error_y" if k == "yerr" else "error_x"): {"type": "data", "array": v, "visible": True}
-        for k, v in _error_bars(f, xm, ym).items()
-    }
-    fig.add_trace(
-        trace(
-            f,
-            mode="lines+markers",
-            name=f"Pareto front: {ym} vs {xm}",
-            line={"shape": "hv" if _step_where(xmode) == "post" else "vh", "color": "#1f77b4"},
-            marker={"size": 10, "color": "#1f77b4"},
-            **bars,
-        )
-    )
-    fig.update_layout(
-        title=title,
-        template="plotly_white",
-        xaxis_title=_label(xm, xmode),
-        yaxis_title=_label(ym, ymode),
-        legend={"orientation": "h", "y": -0.2},
-    )
-    for metric, update in ((xm, fig.update_xaxes), (ym, fig.update_yaxes)):
-        if metric in LOG_AXES and (t[metric] > 0).all():
-            update(type="log")
-        if metric == "val_acc":
-            update(tickformat=".1%")
-    # Embed plotly.js (~4 MB): the page must open offline and inside the MLflow UI's artifact view.
-    return pio.to_html(fig, include_plotlyjs=True, full_html=True)
 
 
 def write_fronts(
@@ -567,18 +556,22 @@ def write_fronts(
     *,
     csv: bool = True,
     plots: bool = True,
+    link: Any = None,
 ) -> list[Path]:
-    """Write ``pareto.csv`` and, for each pair of objectives, ``pareto_<a>_vs_<b>.png``/``.html``.
+    """Write ``pareto.csv``, ``front.md``, ``fronts.html`` and a ``pareto_<a>_vs_<b>.png`` per pair.
 
     ``df`` has one row per trial with the objective columns, ``trial``, and optionally ``status``
-    (only ``ok`` rows are used), ``run_id`` and ``arch`` (an ArchSpec, summarised per stage). The
-    CSV holds every feasible trial with its ``pareto`` flag and non-dominated ``rank``. In each plot
-    ``a`` is on the y axis and ``b`` on the x axis; the front of that pair is connected as the
-    attainment staircase and the front of all objectives is ringed. Files are written atomically.
-    Returns the written paths (CSV first). ``csv=False`` / ``plots=False`` leave out the CSV / the
-    plots (a search draws the plots while its Ray shuts down, and writes the CSV once the front's
-    latency is measured: the plots do not show it).
+    (only ``ok`` rows are used), ``run_id``, ``run_name``, ``latency_ms_measured`` and ``arch`` (an
+    ArchSpec, summarised per stage). The CSV holds every feasible trial with its ``pareto`` flag
+    and non-dominated ``rank``; ``front.md`` the front as a markdown table
+    (`runners.front_report.front_markdown`, its runs linked by ``link(run_id)`` when given);
+    ``fronts.html`` one interactive page with every pair (`runners.front_report.fronts_page`). In
+    each plot ``a`` is on the y axis and ``b`` on the x axis; the front of that pair is connected as
+    the attainment staircase and the front of all objectives is ringed. Files are written
+    atomically. Returns the written paths (CSV first). ``csv=False`` / ``plots=False`` leave out
+    the CSV / everything else.
     """
+    from hybridnas.runners import front_report
     from hybridnas.runners.files import atomic_write
 
     objs = objective_pairs(objectives)
@@ -588,14 +581,13 @@ def write_fronts(
     paths = [atomic_write(out / "pareto.csv", _csv_frame(t, objs).to_csv(index=False))] if csv else []
     if len(t) == 0 or not plots:
         return paths
-    metrics = [m for m, _ in objs] + [
-        c for c in ("val_acc", "macs", "params", "latency_ms") if c not in dict(objs)
-    ]
+    paths.append(atomic_write(out / "front.md", front_report.front_markdown(df, objs, title or "", link)))
+    if len(objs) < 2:
+        return paths
     for y, x in itertools.combinations(objs, 2):
         front2 = non_dominated(t[[y[0], x[0]]].to_numpy(dtype=float), [y[1], x[1]])
-        name = f"pareto_{y[0]}_vs_{x[0]}"
         head = f"{title}: " if title else ""
         caption = f"{head}{y[0]} vs {x[0]} ({int(front2.sum())} on the front)"
-        paths.append(atomic_write(out / f"{name}.png", _png(t, y, x, front2, caption)))
-        paths.append(atomic_write(out / f"{name}.html", _html(t, y, x, front2, caption, metrics)))
+        paths.append(atomic_write(out / f"pareto_{y[0]}_vs_{x[0]}.png", _png(t, y, x, front2, caption)))
+    paths.append(atomic_write(out / "fronts.html", front_report.fronts_page(df, objs, title or "")))
     return paths

@@ -10,8 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from hybridnas.runners import internals
 from hybridnas.search_space.errors import UserError
@@ -19,6 +23,79 @@ from hybridnas.search_space.errors import UserError
 
 class ClusterError(UserError):
     """The Ray cluster named by ``--address`` cannot be joined."""
+
+
+DEFAULT_CONNECT_TIMEOUT_S = 30.0  # `--connect-timeout`: how long joining a cluster may take to fail
+GCS_PORT = 6379  # what `ray start --head` listens on (HOST:PORT addresses)
+CLIENT_PORT = 10001  # the Ray Client server (ray://HOST:PORT addresses)
+# Both are gRPC servers, so both answer an HTTP/2 client preface with a SETTINGS frame (type 4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def cluster_endpoint(address: str) -> tuple[str, int] | None:
+    """The (host, port) ``--address`` names; None for ``auto`` without ``RAY_ADDRESS`` (Ray looks up
+    the cluster this machine last started, and says at once when there is none)."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "") or "auto"
+        if address == "auto":
+            return None
+    client = address.startswith("ray://")
+    rest = address.removeprefix("ray://")
+    try:
+        parts = urlsplit("//" + rest)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or parts.path not in ("", "/"):
+        raise ClusterError(
+            f"cannot join the Ray cluster at {address!r}: expected HOST:PORT, ray://HOST:PORT or auto"
+        )
+    return host, port or (CLIENT_PORT if client else GCS_PORT)
+
+
+def probe_cluster(address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds when nothing that speaks Ray's protocol answers at ``address``.
+
+    Ray itself waits on an absent GCS for minutes. One TCP connection says whether anything listens
+    (a closed port fails at once); an HTTP/2 preface, answered by a SETTINGS frame, says whether it
+    is a gRPC server like Ray's GCS and client server, not some other service on that port.
+    """
+    endpoint = cluster_endpoint(address)
+    if endpoint is None:
+        return
+    host, port = endpoint
+    where = f"cannot join the Ray cluster at {address!r}"
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            sock.sendall(_HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except TimeoutError:
+        raise ClusterError(
+            f"{where}: no answer from {host}:{port} within {timeout:g} s (--connect-timeout)"
+        ) from None
+    except OSError as e:
+        raise ClusterError(
+            f"{where}: {host}:{port}: {e.strerror or e} (is `ray start --head` running there?)"
+        ) from None
+    if len(head) < 9 or head[3] != 0x04:
+        raise ClusterError(f"{where}: {host}:{port} answers, but not as a Ray cluster (no gRPC server there)")
+
+
+def available_resources() -> dict[str, float]:
+    """CPUs and GPUs trials can get: the joined cluster's, else what a local Ray would see here."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        have = sys.modules["ray"].cluster_resources()
+        return {"cpu": float(have.get("CPU", 0)), "gpu": float(have.get("GPU", 0))}
+    import torch
+
+    return {"cpu": float(os.cpu_count() or 1), "gpu": float(torch.cuda.device_count())}
 
 
 def _quiet_env() -> None:
@@ -106,9 +183,16 @@ def _package_for_cluster() -> str:
     return str(stage)
 
 
-def init_ray(address: str | None = None, workers: int | None = None) -> bool:
+def init_ray(
+    address: str | None = None,
+    workers: int | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> bool:
     """Start (or join) Ray unless this process already did (Ray then stays up until the process
     exits, so a second search reuses it). Returns True when started here.
+
+    Joining ``address`` fails within ``connect_timeout`` seconds when no cluster answers there
+    (`probe_cluster`).
 
     ``workers`` (the trials that run at once) caps the worker processes a local Ray prestarts and
     keeps idle (Ray's ``num_workers_soft_limit``; one per CPU otherwise): each one imports torch
@@ -121,6 +205,7 @@ def init_ray(address: str | None = None, workers: int | None = None) -> bool:
         return False
     common = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     if address:
+        probe_cluster(address, connect_timeout)
         try:
             # Ship this package's code with the job: nodes need only the dependencies installed.
             ray.init(address=address, runtime_env={"py_modules": [_package_for_cluster()]}, **common)
@@ -132,7 +217,11 @@ def init_ray(address: str | None = None, workers: int | None = None) -> bool:
         # `trial_actors_on_prestarted_workers`): the first trials start without paying the imports.
         os.environ.setdefault("PL_DISABLE_FORK", "1")  # what Tune gives its actors; inherited here
         slots = max(1, min(int(workers), os.cpu_count() or 1)) if workers else None
+        # "local": a new Ray here. With no address Ray joins whatever RAY_ADDRESS or
+        # /tmp/ray/ray_current_cluster names (`ray start`, ray.cluster_utils in another process)
+        # and then refuses num_cpus; a cluster is joined with --address only.
         ray.init(
+            address="local",
             num_cpus=os.cpu_count(),
             _system_config=internals.worker_system_config(WORKER_PRELOAD, slots),
             **common,

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -47,15 +46,22 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hybridnas.runners.calibration import calibrate_latency, calibration_summary, calibration_warning
 from hybridnas.runners.data import input_for
 from hybridnas.runners.fidelity import fidelity_report
+from hybridnas.runners.latency import LatencyContext
 from hybridnas.runners.ray_runtime import init_ray, trial_actors_on_prestarted_workers
 from hybridnas.runners.repeats import REPEAT_KIND, run_repeats
 from hybridnas.runners.resume import (
+    Interrupted,
     Replays,
     SearchError,
+    Stop,
+    check_can_start,
     check_state,
+    close_orphans,
     fingerprint,
+    nothing_trained,
     parent_guard,
     replays_from_mlflow,
     resolved_for_fingerprint,
@@ -76,7 +82,7 @@ from hybridnas.search_space.errors import SpecError
 
 TUNE_DIR = "tune"
 SCHEDULER_STATE = "scheduler.json"  # the rungs' records of asha/moasha (Ray's Tuner does not keep them)
-CALIBRATION_SAMPLES = 2000  # architectures drawn to cover the latency table of a space too big to enumerate
+STORE_TIMEOUT_S = 600.0  # how long a search goes on without its tracking store (--store-timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,72 +99,6 @@ def _trial_name(trial: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Latency table
-
-
-def calibrate_latency(
-    space: Any, input: Any, latency: Any, table_path: str | None = None, stream: Any = None, seed: int = 0
-) -> dict[str, Any]:
-    """Calibrate the latency table for this space before any trial runs (`runners.measure.calibrate_table`).
-
-    Small spaces are enumerated; bigger ones are covered by ``CALIBRATION_SAMPLES`` random draws
-    (a unit the draws missed is measured when first met). Every unit is measured in context and
-    about a hundred architectures end to end, to which the unit entries are refit. What the table
-    has already (a previous search, same machine, same code) is not measured again.
-    Returns ``{"units", "measured", "timed", "fit", "seconds", "path", "broken"}``.
-    """
-    import optuna
-
-    from hybridnas.runners.measure import (
-        LatencyTable,
-        _context_key,
-        _resolve_device,
-        _resolve_dtype,
-        calibrate_table,
-    )
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    t0 = time.perf_counter()
-    table = LatencyTable(table_path)
-    # A space calibrated before in this context (machine, threads, batch, torch, block code) is
-    # marked in the table: a repeated search skips drawing and checking its 2,000 architectures.
-    context = _context_key(
-        _resolve_device(latency.device), latency.batch_size, latency.threads, _resolve_dtype(None), "wall"
-    )
-    what = {"space": space.to_dict(), "input": input.to_dict(), "samples": CALIBRATION_SAMPLES, "seed": seed}
-    marker = f"{context}||space|{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
-    done = table.get(marker)
-    if done is not None:
-        return {
-            "units": done["units"],
-            "measured": 0,
-            "timed": 0,
-            "fit": done["fit"],
-            "broken": done["broken"],
-            "seconds": time.perf_counter() - t0,
-            "path": str(table.path),
-        }
-    if space.size(input) <= CALIBRATION_SAMPLES:
-        specs = space.enumerate(input)
-    else:
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-        specs = [space.suggest(study.ask(), input=input, grid=False) for _ in range(CALIBRATION_SAMPLES)]
-    res = calibrate_table(
-        specs,
-        table,
-        device=latency.device,
-        batch_size=latency.batch_size,
-        threads=latency.threads,
-        seed=seed,
-    )
-    if not res["broken"]:  # a broken architecture may be fixed by a code change: check again next time
-        summary = {k: res[k] for k in ("units", "fit", "broken")}
-        table.put(marker, {"ms": 0.0, **summary})
-        table.save()
-    return {**res, "seconds": time.perf_counter() - t0, "path": str(table.path)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Output directory state
 
 
 def apply_overrides(exp: Any, trials: int | None = None, epochs: int | None = None) -> Any:
@@ -209,11 +149,26 @@ class SearchResult:
     reached: dict[int, int] = dataclasses.field(default_factory=dict)  # epoch -> trials that trained it
     fidelity: list[str] = dataclasses.field(default_factory=list)  # the fidelity report, in words
     repeats: dict = dataclasses.field(default_factory=dict)  # run_repeats' summary (search.repeats)
+    stopped_by: str | None = None  # SIGINT | SIGTERM | store, when interrupted
+    experiment_id: str = ""
+    runs_url: str = ""  # the MLflow UI's runs table of the experiment (`runners.store.runs_url`)
+    parent_url: str = ""  # the MLflow UI's page of the search's parent run
+    nothing_trained: str | None = None  # why no trial trained, in one line (then there is no front)
+
+
+EXPERIMENT_NOTE = (
+    "Searches of hybrid conv/attention backbones by hybridnas: one parent run per search "
+    "(tag hybridnas.kind = search) holding its summary, the front (front.md, fronts.html) and the "
+    "exported architectures, and one child run per trial, named after what the search varied. "
+    "Filter one search with tags.hybridnas.search_id; the runs' status column says which trials "
+    "trained (Finished), failed (Failed) or never trained (Killed: infeasible)."
+)
 
 
 def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> str:
-    from hybridnas.runners.store import log_params
+    from hybridnas.runners.store import describe_experiment, log_params, provenance_tags, search_id, set_tags
 
+    describe_experiment(client, exp_id, EXPERIMENT_NOTE)
     objectives = [[o.metric, o.mode] for o in exp.objectives]
     run = client.create_run(
         exp_id,
@@ -226,6 +181,7 @@ def _start_parent(client: Any, exp_id: str, exp: Any, out: Path, uri: str) -> st
         },
     )
     pid = run.info.run_id
+    set_tags(client, pid, provenance_tags(exp.path, search_id(exp.name, pid)))
     params = {
         "sampler": exp.search.sampler,
         "seed": exp.search.seed,
@@ -289,15 +245,47 @@ def run_search(
     resume: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    store_timeout: float = STORE_TIMEOUT_S,
+    connect_timeout: float | None = None,
 ) -> SearchResult:
     """Run (or, with ``resume``, continue) the search described by ``exp``; see the module docstring.
 
     Raises `SearchError` / `TrackingError` (UserErrors) for an output directory that already holds
     a search (without ``resume``), nothing to resume, an experiment changed since, an unusable
-    tracking store or an unreachable cluster - all before any trial runs.
+    tracking store or a cluster that does not answer within ``connect_timeout`` seconds (default
+    30), missing data, an output folder that cannot be written, resources or devices this machine
+    or cluster lacks - all before the tracking store is touched or any trial runs. When no trial
+    trained, ``nothing_trained`` says why.
+
+    SIGINT and SIGTERM stop it cleanly (`runners.resume.Stop`): during the trials it returns with
+    ``interrupted`` and ``stopped_by`` set; before or after them it raises `Interrupted`. Either
+    way the search is saved in its folder and no run is left RUNNING.
+
+    A tracking store that goes away does not stop the trials: the driver's writes wait in
+    ``<out>/mlflow_buffer.jsonl`` (`runners.store_buffer`) and are delivered when it answers again,
+    or by ``--resume``; after ``store_timeout`` seconds without it the search stops like on SIGTERM
+    (``stopped_by="store"``).
     """
+    with Stop() as stop:
+        return _search(
+            exp, tracking_uri, address, resume, out_dir, progress, stop, store_timeout, connect_timeout
+        )
+
+
+def _search(
+    exp: Any,
+    tracking_uri: str | None,
+    address: str | None,
+    resume: bool,
+    out_dir: str | os.PathLike | None,
+    progress: Callable[[str], None] | None,
+    stop: Stop,
+    store_timeout: float = STORE_TIMEOUT_S,
+    connect_timeout: float | None = None,
+) -> SearchResult:
     from hybridnas.runners import store as tr
     from hybridnas.runners import tracking
+    from hybridnas.runners.store_buffer import BUFFER_FILE, BufferedClient
 
     say = progress if callable(progress) else (lambda line: None)
     t_start, started = time.time(), time.monotonic()  # progress lines count from `started`
@@ -308,7 +296,13 @@ def run_search(
     fp = fingerprint({**resolved_for_fingerprint(exp), "faults": faults})
     state = check_state(out, fp, resume, "search")
 
-    input_spec = input_for(exp.data)  # may load the data here: a data error stops us before MLflow
+    input_spec = input_for(exp.data)  # checks (or loads) the data here: a data error stops us before MLflow
+    t = time.time()
+    out_what = "--out" if out_dir else "out_dir"
+    check_can_start(out, out_what, exp.resources, exp.train, exp.latency, address, connect_timeout)
+    if address:  # joined: costs this machine nothing, and a cluster that is not there fails before MLflow
+        stop.rearm()  # ray.init put in its own SIGTERM handler
+        timings["ray_init_s"] = time.time() - t
     uri = tr.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
     if state:
         if tracking_uri and uri != state["tracking_uri"]:
@@ -318,10 +312,6 @@ def run_search(
             )
         uri = state["tracking_uri"]
     tr.check_tracking_uri(uri)
-    if address:  # joining a running cluster costs this machine nothing: fail before MLflow has a run
-        t = time.time()
-        init_ray(address)
-        timings["ray_init_s"] = time.time() - t
     from mlflow.exceptions import MlflowException
 
     try:
@@ -345,13 +335,23 @@ def run_search(
                 "trials": exp.search.trials,
                 "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
                 "finished": False,
+                # Until Tune starts: a rerun of the same search (or --resume) continues this parent
+                # run; a kill during the latency calibration leaves nothing behind unclosed.
+                "provisional": True,
             }
-            # state.json is written once the Tuner exists (just before it runs): a search that
-            # fails to start leaves nothing to "resume" and can simply be started again.
+            write_state(out, state)
+        close_orphans(client, exp_id, "search", out, keep=parent)
+        client = BufferedClient(
+            client, uri, out / BUFFER_FILE, store_timeout, say, on_expired=lambda: stop.request("store")
+        )
+        if client.pending and not client.flush():  # writes an earlier driver could not deliver
+            raise tr.TrackingError(
+                f"{client.pending} writes buffered in {client.path} could not be delivered"
+            )
     except MlflowException as e:
         raise tr.TrackingError(f"MLflow at {tr.redact(uri)}: {e.message}") from None
 
-    with parent_guard(client, parent):
+    with parent_guard(client, parent, stop, "search", out):
         objectives = [(o.metric, o.mode) for o in exp.objectives]
         constraints = {k: b.to_dict() for k, b in exp.constraints.items()}
         grid = exp.search.sampler == "grid"
@@ -380,23 +380,12 @@ def run_search(
 
         timings["mlflow_s"] = time.time() - t_start - timings.get("ray_init_s", 0.0)
         # The latency table, while nothing else runs on this machine (a local Ray is not started yet).
-        cal = calibrate_latency(exp.space, input_spec, exp.latency, seed=exp.search.seed)
+        latency_context = LatencyContext.from_config(exp.latency)
+        cal = calibrate_latency(exp.space, input_spec, latency_context, seed=exp.search.seed, name=exp.name)
         timings["latency_table_s"] = cal["seconds"]
-        say(
-            f"latency table: {cal['units']} units, {cal['measured']} measured now"
-            + (f", {cal['timed']} architectures timed end to end" if cal["timed"] else "")
-            + (
-                f", refit: {100 * cal['fit']['within_10_after']:.0f}% of {cal['fit']['archs']} within 10%"
-                if "within_10_after" in cal["fit"]
-                else ""
-            )
-            + f" ({cal['seconds']:.1f}s), cached in {cal['path']}"
-            + (
-                f"; {len(cal['broken'])} architectures could not be built ({cal['broken'][0]})"
-                if cal["broken"]
-                else ""
-            )
-        )
+        say(calibration_summary(cal))
+        if calibration_warning(cal["quality"], latency_context):
+            say(calibration_warning(cal["quality"], latency_context))
         import torch
 
         torch.set_num_threads(
@@ -407,6 +396,7 @@ def run_search(
         if not address:
             t = time.time()
             started_ray = init_ray(address, workers=exp.search.concurrency)
+            stop.rearm()
             timings["ray_init_s"] = time.time() - t
         import ray
         from ray import tune
@@ -464,6 +454,7 @@ def run_search(
             constraints,
             total_trials=n_trials,
             say=progress if callable(progress) else None,
+            varied=[p.name for p in exp.space.params()],
             stopping=stopping,
             started=started,
         )
@@ -505,93 +496,107 @@ def run_search(
                     failure_config=tune.FailureConfig(max_failures=exp.search.max_failures),
                 ),
             )
+        state.pop("provisional", None)
         write_state(out, state)
         t = time.time()
         try:
-            with trial_actors_on_prestarted_workers():
+            with (
+                trial_actors_on_prestarted_workers(),
+                stop.tune(),
+                tracking.driver(parent, client, progress if callable(progress) else None),
+            ):
                 grid_result = tuner.fit()
             timings["tune_s"] = time.time() - t
         finally:
             if replays is not None:
                 ray.kill(replays)
 
-    trials = _trial_rows(grid_result)
-    finished = tr.child_runs(client, exp_id, parent)
-    statuses = (
-        (STATUS_OK, STATUS_STOPPED, STATUS_FAILED, STATUS_INFEASIBLE)
-        if stopping
-        else (
-            STATUS_OK,
-            STATUS_FAILED,
-            STATUS_INFEASIBLE,
-        )
-    )
-    counts = {s: 0 for s in statuses}
-    for run in finished:
-        if run.data.tags.get("hybridnas.kind") == REPEAT_KIND:
-            continue
-        s = run.data.tags.get("hybridnas.status")
-        if s in counts:
-            counts[s] += 1
-    interrupted = sum(counts.values()) < n_trials
-    starts = [t["started_at"] for t in trials if t.get("started_at") and not t.get("replayed")]
-    first_trial_s = (min(starts) - t_start) if starts and not resume else None
-
-    front, exported, files, fidelity_lines, reached = None, [], [], [], {}
-    rep_summary: dict = {}
-    if not interrupted and exp.search.repeats:
-        with parent_guard(client, parent):
-            rep_summary = run_repeats(
-                exp, client, uri, exp_id, parent, out, objectives, rungs, say, progress, started
+    with parent_guard(client, parent, stop, "search", out):  # a signal while the front is measured
+        if not client.flush(max(0.0, store_timeout - (client.unreachable_s or 0.0))):
+            raise Interrupted(
+                "store",
+                f"the tracking store at {tr.redact(uri)} stayed unreachable for {store_timeout:.0f}s; "
+                f"{client.pending} writes are kept in {client.path} and delivered by --resume",
             )
-        interrupted = rep_summary["interrupted"]
-    if interrupted:
-        client.update_run(parent, status="KILLED")
-        say(
-            f"interrupted: {sum(counts.values())}/{n_trials} trials"
-            + (
+        trials = _trial_rows(grid_result)
+        finished = tr.child_runs(client, exp_id, parent)
+        named = (STATUS_OK, STATUS_STOPPED) if stopping else (STATUS_OK,)
+        counts = {s: 0 for s in (*named, STATUS_FAILED, STATUS_INFEASIBLE)}
+        for run in finished:
+            if run.data.tags.get("hybridnas.kind") == REPEAT_KIND:
+                continue
+            s = run.data.tags.get("hybridnas.status")
+            if s in counts:
+                counts[s] += 1
+        interrupted = sum(counts.values()) < n_trials
+        stopped_by = (stop.reason or "SIGINT") if interrupted else None
+        starts = [t["started_at"] for t in trials if t.get("started_at") and not t.get("replayed")]
+        first_trial_s = (min(starts) - t_start) if starts and not resume else None
+
+        front, exported, files, fidelity_lines, reached = None, [], [], [], {}
+        rep_summary: dict = {}
+        why = None if interrupted else nothing_trained(client, exp_id, parent)
+        if not interrupted and not why and exp.search.repeats:
+            with stop.tune(), tracking.driver(parent, client, progress if callable(progress) else None):
+                rep_summary = run_repeats(
+                    exp, client, uri, exp_id, parent, out, objectives, rungs, say, progress, started
+                )
+            if rep_summary["interrupted"]:
+                interrupted, stopped_by = True, stop.reason or "SIGINT"
+        if why:  # every trial failed, or none trained: no front, and not a success
+            tr.set_tags(client, parent, {"hybridnas.error": why})
+            client.set_terminated(parent, "FAILED")
+            state["finished"] = True
+            write_state(out, state)
+            if started_ray:
+                ray.shutdown()
+        elif interrupted:
+            tr.close_unfinished(client, exp_id, parent)  # the callback closed its own; this is the net
+            client.set_terminated(parent, "KILLED")
+            repeats_done = (
                 f" and {rep_summary['finished']}/{rep_summary['members'] * exp.search.repeats} repeats"
                 if rep_summary
                 else ""
             )
-            + " finished; continue with: "
-            f"hybridnas search {exp.path or '<file>'} --resume" + (f" --out {out}" if out_dir else "")
-        )
-    else:
-        t = time.time()
-        shutdown = None
-        if started_ray:
-            # The front's latency is measured in this process. With the search's Ray still up the
-            # medians came out 30-70 % high (measured), so a Ray started here is shut down first
-            # (in the background: it takes ~1.4 s, while the runs are read back from MLflow); a Ray
-            # that was running before the search (or a cluster) is left alone.
-            import threading
-
-            shutdown = threading.Thread(target=ray.shutdown, name="hybridnas-ray-shutdown")
-            shutdown.start()
-        try:
-            front, exported, files = _finish(
-                exp,
-                client,
-                uri,
-                exp_id,
-                parent,
-                out,
-                objectives,
-                input_spec,
-                say,
-                quiet=shutdown.join if shutdown is not None else None,
+            say(
+                f"interrupted ({stopped_by}): {sum(counts.values())}/{n_trials} trials{repeats_done} finished; "
+                f"the search is saved in {out}"
             )
-        finally:
-            if shutdown is not None:
-                shutdown.join()
-        reached, fidelity_lines = fidelity_report(
-            client, exp_id, parent, exp.search, exp.train.epochs, front if front is not None else None
-        )
-        timings["finish_s"] = time.time() - t
-        state["finished"] = True
-        write_state(out, state)
-        client.set_terminated(parent, "FINISHED")
+        else:
+            t = time.time()
+            shutdown = None
+            if started_ray:
+                # The front's latency is measured in this process. With the search's Ray still up the
+                # medians came out 30-70 % high (measured), so a Ray started here is shut down first
+                # (in the background: it takes ~1.4 s, while the runs are read back from MLflow); a Ray
+                # that was running before the search (or a cluster) is left alone.
+                import threading
+
+                shutdown = threading.Thread(target=ray.shutdown, name="hybridnas-ray-shutdown")
+                shutdown.start()
+            try:
+                front, exported, files = _finish(
+                    exp,
+                    client,
+                    uri,
+                    exp_id,
+                    parent,
+                    out,
+                    objectives,
+                    input_spec,
+                    say,
+                    quiet=shutdown.join if shutdown is not None else None,
+                )
+            finally:
+                if shutdown is not None:
+                    shutdown.join()
+            reached, fidelity_lines = fidelity_report(
+                client, exp_id, parent, exp.search, exp.train.epochs, front
+            )
+            timings["finish_s"] = time.time() - t
+            state["finished"] = True
+            write_state(out, state)
+            client.set_terminated(parent, "FINISHED")
     return SearchResult(
         experiment=exp.tracking.experiment,
         parent_run_id=parent,
@@ -604,11 +609,16 @@ def run_search(
         exported=exported,
         pareto_files=files,
         interrupted=interrupted,
+        stopped_by=stopped_by,
         wall_s=time.time() - t_start,
         first_trial_s=first_trial_s,
         calibration=cal,
         timings=timings,
         ui_command=tr.ui_command(uri),
+        experiment_id=exp_id,
+        runs_url=tr.runs_url(uri, exp_id),
+        parent_url=tr.run_url(uri, exp_id, parent),
+        nothing_trained=why,
         reached=reached,
         fidelity=fidelity_lines,
         repeats=rep_summary,
@@ -653,21 +663,15 @@ def front_latencies(archs: Mapping[str, Any], input_size: Sequence[int], lat: An
     ``FRONT_ROUNDS`` rounds of 30 runs, the rounds interleaved across members (a burst lands on one
     round of several members, not on all rounds of one), and its latency is the lowest round median.
     """
-    from hybridnas.runners.measure import latency
+    from hybridnas.runners.latency import latency
     from hybridnas.search_space.build import build_model
 
+    ctx = LatencyContext.from_config(lat)
     models = {k: build_model(a) for k, a in archs.items()}
     best: dict[str, float] = {}
     for _ in range(FRONT_ROUNDS):
         for k, model in models.items():
-            ms = latency(
-                model,
-                input_size,
-                device=lat.device,
-                batch_size=lat.batch_size,
-                threads=lat.threads,
-                runs=30,
-            )["median_ms"]
+            ms = latency(model, input_size, ctx, runs=30)["median_ms"]
             best[k] = min(best.get(k, math.inf), ms)
     return best
 
@@ -684,24 +688,24 @@ def _finish(
     say: Any,
     quiet: Callable[[], Any] | None = None,
 ) -> tuple[Any, list[Path], list[Path]]:
-    """Measure the front, tag it, plot it, export it, log it all on the parent run.
+    """Measure the front, mark it, plot it, export it, log it all on the parent run.
 
     ``quiet()``, when given, returns once the machine is quiet enough to time the front (the
     search's Ray has shut down); the runs are read back from MLflow before waiting for it.
     """
     from hybridnas.runners.export import ExportError, export_arch, load_runs
-    from hybridnas.runners.pareto import feasible_table, write_fronts
-    from hybridnas.runners.store import front_tags, log_metrics
+    from hybridnas.runners.pareto import feasible_table, show_measured_latency, write_fronts
+    from hybridnas.runners.store import front_tags, log_metrics, run_route
 
     try:
         df = load_runs(exp.tracking.experiment, uri, parent_run_id=parent)
     except ExportError as e:
         say(f"no Pareto front: {e}")
+        if quiet is not None:
+            quiet()
         return None, [], []
     t = feasible_table(df, objectives)
     front = t[t["pareto"]].reset_index(drop=True)
-    # The plots first (they do not show the measured latency): drawn while the search's Ray exits.
-    plots = write_fronts(df, objectives, out / "pareto", title=exp.name, csv=False)
     if quiet is not None:
         quiet()
     # End-to-end latency of the front, now that no trial competes for the cores.
@@ -714,8 +718,15 @@ def _finish(
         log_metrics(client, run_id, {"latency_ms_measured": ms})
     df["latency_ms_measured"] = [measured.get(rid, math.nan) for rid in df["run_id"]]
     front["latency_ms_measured"] = [measured.get(rid, math.nan) for rid in front["run_id"]]
+    front = show_measured_latency(front)  # what the user sees: measured, the prediction beside it
     front_tags(client, measured.keys(), df["run_id"])
-    files = write_fronts(df, objectives, out / "pareto", plots=False) + plots
+    names = mark_front(client, df, set(measured))
+    df["run_name"] = [names.get(rid, "") for rid in df["run_id"]]
+    front["run_name"] = [names.get(rid, "") for rid in front["run_id"]]
+    # Relative links: they open inside the MLflow UI that shows front.md, whatever its address.
+    files = write_fronts(
+        df, objectives, out / "pareto", title=exp.name, link=lambda rid: run_route(exp_id, rid)
+    )
     for f in files:
         client.log_artifact(parent, str(f))
     export_dir = out / "exported"
@@ -738,7 +749,53 @@ def _finish(
     if exported:
         client.log_artifacts(parent, str(export_dir), "exported")
     client.set_tag(parent, "hybridnas.front_size", str(len(front)))
+    summary = client.get_run(parent).data.metrics  # the callback's n_* and hypervolume, latest values
+    log_metrics(client, parent, {"front_size": len(front)}, step=int(summary.get("n_done", 0)))
+    front_md = next((f for f in files if f.name == "front.md"), None)
+    if front_md is not None:  # the run's description: what the run page shows first
+        note = search_note(exp, {**summary, "front_size": len(front)}, objectives)
+        client.set_tag(parent, "mlflow.note.content", note + "\n\n" + front_md.read_text())
     return front, exported, files
+
+
+def search_note(exp: Any, metrics: Mapping[str, float], objectives: Sequence[tuple[str, str]]) -> str:
+    """One paragraph on a finished search: what ran, how it went, the front and its hypervolume."""
+    from hybridnas.runners.pareto import human
+    from hybridnas.runners.store import FINISHED
+
+    order = {f"n_{s}": i for i, s in enumerate(FINISHED)}
+    keys = sorted(
+        (k for k in metrics if k.startswith("n_") and k != "n_done"), key=lambda k: order.get(k, 99)
+    )
+    counts = ", ".join(f"{int(metrics[k])} {k[2:]}" for k in keys)
+    text = (
+        f"hybridnas search `{exp.path or exp.name}`: {int(metrics.get('n_done', 0))} trials ({counts}); "
+        f"{int(metrics.get('front_size', 0))} on the front of "
+        + ", ".join(f"{m} ({mode})" for m, mode in objectives)
+    )
+    best = [f"{m} {human(metrics[f'best_{m}'], m)}" for m, _ in objectives if f"best_{m}" in metrics]
+    if best:
+        text += "; best " + ", best ".join(best)
+    if "hypervolume_norm" in metrics:
+        text += (
+            f"; hypervolume {metrics['hypervolume_norm']:.3f} of its reference box "
+            f"({metrics['hypervolume']:.4g} raw)"
+        )
+    return text + "."
+
+
+def mark_front(client: Any, df: Any, front: set[str]) -> dict[str, str]:
+    """Rename the finished trials' runs so that exactly the front's carry ``[front]``
+    (`runners.run_names`); returns run id -> name."""
+    from hybridnas.runners.run_names import marked, unmarked
+    from hybridnas.runners.store import rename
+
+    names = {}
+    for rid, current in zip(df["run_id"], df["run_name"]):
+        name = marked(unmarked(str(current)), front=rid in front)
+        rename(client, rid, name, current)
+        names[rid] = name
+    return names
 
 
 # ---------------------------------------------------------------------------------------------

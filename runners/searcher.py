@@ -19,7 +19,7 @@ from ray import cloudpickle
 from ray.tune.search import Searcher
 
 from hybridnas.runners.files import atomic_write
-from hybridnas.runners.internals import restore_sampler_locks, sampler_without_locks
+from hybridnas.runners.internals import picklable_sampler, restore_sampler_locks, sampler_without_locks
 from hybridnas.runners.trial import STATUS_INFEASIBLE, STATUS_OK, STATUS_STOPPED, proposal
 from hybridnas.search_space.errors import SpecError
 
@@ -91,7 +91,7 @@ class ArchSuggester:
 
     def _lazy(self) -> None:
         if self._space is None:
-            from hybridnas.runners.measure import LatencyTable
+            from hybridnas.runners.latency_table import LatencyTable
             from hybridnas.search_space.space import SearchSpace
             from hybridnas.search_space.spec import InputSpec
 
@@ -101,17 +101,13 @@ class ArchSuggester:
 
     def measures(self, spec: Any) -> dict[str, float]:
         """MACs, flops, params (exact counts) and the predicted latency of ``spec``."""
-        from hybridnas.runners.measure import predict_latency, profile_spec
+        from hybridnas.runners.latency import LatencyContext
+        from hybridnas.runners.latency_table import predict_latency
+        from hybridnas.runners.macs import profile_spec
 
         self._lazy()
         prof = profile_spec(spec)
-        lat = predict_latency(
-            spec,
-            self._table,
-            device=self.latency["device"],
-            batch_size=self.latency["batch_size"],
-            threads=self.latency["threads"],
-        )
+        lat = predict_latency(spec, self._table, LatencyContext.from_config(self.latency))
         return {
             "macs": int(prof["macs"]),
             "flops": int(prof["flops"]),
@@ -168,9 +164,9 @@ def make_sampler(sampler: str, seed: int, trials: int, grid_space: dict | None =
         )
     population = max(4, min(50, trials // 3))
     if sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+        return picklable_sampler(optuna.samplers.NSGAIISampler(seed=seed, population_size=population))
     if sampler == "nsga3":
-        return optuna.samplers.NSGAIIISampler(seed=seed, population_size=population)
+        return picklable_sampler(optuna.samplers.NSGAIIISampler(seed=seed, population_size=population))
     if sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if sampler == "grid":

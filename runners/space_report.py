@@ -2,7 +2,7 @@
 space (size and parameters) and a few randomly sampled architectures, one line per stage with MACs.
 
 Sampling uses the same `SearchSpace.suggest` a search uses, driven by Optuna's seeded RandomSampler, so what is
-printed is what a search could train. MACs come from `runners.measure.profile_spec` (attention counted).
+printed is what a search could train. MACs come from `runners.macs.profile_spec` (attention counted).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def human(n: float | None) -> str:
 
 
 def _profiler():
-    """`runners.measure.profile_spec`, or None where it is not available (reported, never fatal)."""
+    """`runners.macs.profile_spec`, or None where it is not available (reported, never fatal)."""
     try:
-        from hybridnas.runners.measure import profile_spec
+        from hybridnas.runners.macs import profile_spec
     except ImportError as e:
         return None, f"MACs unavailable: {e}"
     return profile_spec, None

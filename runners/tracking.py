@@ -10,51 +10,81 @@ of whichever process happens to log.
 Layout (read back by `runners.export` and `runners.pareto`):
 
 - parent run (one per search): tags ``hybridnas.kind=search``, ``hybridnas.objectives`` (JSON
-  ``[[metric, mode], ...]``); params sampler, seed, trials, ...; metric ``hypervolume`` with
-  step = number of finished trials; artifacts experiment.yaml, resolved_config.json and, at the
-  end, pareto.csv, pareto_<a>_vs_<b>.png/html and exported/*.yaml.
-- child run (one per trial): tags ``mlflow.parentRunId``, ``hybridnas.kind=trial``,
+  ``[[metric, mode], ...]``) and the `SHARED_TAGS` (``hybridnas.search_id``, version, source);
+  params sampler, seed, trials, ...; after each finished trial (step = trials finished) the metrics
+  ``n_ok``, ``n_failed``, ``n_infeasible``, ``n_done``, ``best_<objective>`` and, with several
+  objectives, ``hypervolume`` and ``hypervolume_norm`` (0-1, the share of its reference box);
+  the dataset inputs; artifacts experiment.yaml, resolved_config.json and, at the end (see
+  `runners.search`), the front's table and plots and exported/*.yaml.
+- child run (one per trial), named by `runners.run_names` (``t07 s1:window+ca c32``, outcome
+  marks such as ``[infeasible]``): tags ``mlflow.parentRunId``, ``hybridnas.kind=trial``,
   ``hybridnas.trial`` (the Optuna trial number), ``hybridnas.status`` (running | ok | failed |
-  infeasible | stopped), ``hybridnas.arch_hash``, ``hybridnas.error`` (failed), ``hybridnas.rung``
-  (stopped: the epoch of the rung it was stopped at), ``pareto=true`` (front members);
-  params = the flattened architecture; metrics train_loss and val_acc per epoch (step = epoch),
-  ``epochs_trained`` and the finals; artifact arch.yaml.
+  infeasible | stopped), ``hybridnas.arch`` (the architecture on one line), ``hybridnas.arch_hash``,
+  ``hybridnas.error`` (failed), ``hybridnas.rung`` (stopped: the epoch of the rung the scheduler
+  stopped it at), ``pareto=true`` (front members), the `SHARED_TAGS`; MLflow status
+  `RUN_STATUS` (FINISHED, FAILED, KILLED for never trained or stopped); params = the flattened
+  architecture; metrics of the architecture (macs, flops, params, latency_ms) at step 0 from its
+  start, of its training (train_time_s, imgs_per_s, epochs_trained) at step 0 when it trained,
+  train_loss and val_acc per epoch (step = epoch; the final val_acc is the last epoch's point,
+  never a second series); the dataset inputs it trained on; artifact arch.yaml.
 - repeat run (one per extra seed of a front member, ``search.repeats``): like a trial's, with
   ``hybridnas.kind=repeat``, ``hybridnas.repeat_of`` (the trial number) and ``hybridnas.seed``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ray.tune import Callback
 
+from hybridnas.runners import run_names
+from hybridnas.runners.fmt import human
 from hybridnas.runners.store import (
     EPOCH_METRICS,
-    FINAL_METRICS,
     FINISHED,
+    RUN_STATUS,
+    SHARED_TAGS,
     _clip,
     _finite,
     child_runs,
+    close_unfinished_run,
     headline,
+    log_dataset,
     log_metrics,
     log_params,
     make_client,
+    rename,
     set_tags,
 )
 from hybridnas.runners.trial import STATUS_STOPPED, TrialConfig
 
+ARCH_METRICS = ("macs", "flops", "params", "latency_ms")  # known before training: step 0 from the start
+TRAINING_METRICS = ("train_time_s", "imgs_per_s")  # one value per trained run: step 0 at its end
+
+
 # ---------------------------------------------------------------------------------------------
-# URIs
+# The driver's side of the callback
 
 
-def _human(value: Any, metric: str) -> str:
-    from hybridnas.runners.pareto import human
+# Parent run id -> (client, say) of the driver running that search now. Tune pickles its callbacks
+# with the experiment and a resumed search runs the unpickled one, so what belongs to the running
+# driver (its buffered MLflow client, where progress lines go) is looked up here, never pickled.
+_DRIVERS: dict[str, tuple[Any, Callable[[str], None] | None]] = {}
 
-    return human(value, metric)
+
+@contextlib.contextmanager
+def driver(parent_run_id: str, client: Any, say: Callable[[str], None] | None) -> Iterator[None]:
+    """While open, the callback of search ``parent_run_id`` writes through ``client`` (a
+    `runners.store_buffer.BufferedClient`) and hands its progress lines to ``say``."""
+    _DRIVERS[parent_run_id] = (client, say)
+    try:
+        yield
+    finally:
+        _DRIVERS.pop(parent_run_id, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +118,7 @@ class MlflowSearchCallback(Callback):
         constraints: Mapping[str, Any] | None = None,
         total_trials: int = 0,
         say: Callable[[str], None] | None = None,
+        varied: Sequence[str] | None = None,
         *,
         stopping: bool = False,
         repeats: bool = False,
@@ -105,6 +136,8 @@ class MlflowSearchCallback(Callback):
             k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in (constraints or {}).items()
         }
         self.total_trials = total_trials
+        # The search space's parameter names: what child run names show (`run_names.varied_summary`).
+        self.varied = list(varied or ())
         self.stopping = stopping
         self.repeats = repeats
         self.started = started
@@ -119,7 +152,9 @@ class MlflowSearchCallback(Callback):
         self._by_hash: dict[str, str] = {}
         self._done: set[str] = set()  # Ray trial ids whose child run is finished
         self._epochs_logged: dict[str, int] = {}
-        self._counts = {"ok": 0, "failed": 0, "infeasible": 0, "stopped": 0}
+        self._counts = dict.fromkeys(FINISHED, 0)
+        self._shared: dict[str, str] = {}  # the parent's SHARED_TAGS, copied onto each child
+        self._dataset_logged = False  # on the parent
         self._hv = None
         self._best: tuple[float, str] | None = None
         self._t0 = time.monotonic()
@@ -137,6 +172,8 @@ class MlflowSearchCallback(Callback):
             "_hv",
             "_best",
             "_say",
+            "_shared",
+            "_dataset_logged",
             "started",  # this process's clock: meaningless in a resumed driver
         ):
             state.pop(k, None)
@@ -152,13 +189,18 @@ class MlflowSearchCallback(Callback):
 
     @property
     def client(self) -> Any:
+        linked = _DRIVERS.get(self.parent_run_id)
+        if linked is not None:
+            return linked[0]
         if self._client is None:
             self._client = make_client(self.tracking_uri)
         return self._client
 
     def _print(self, line: str) -> None:
-        if self._say is not None:
-            self._say(line)
+        linked = _DRIVERS.get(self.parent_run_id)
+        say = self._say or (linked[1] if linked is not None else None)
+        if say is not None:
+            say(line)
 
     # ---- Tune hooks ------------------------------------------------------------------------
 
@@ -169,6 +211,8 @@ class MlflowSearchCallback(Callback):
         self._t0 = self.started if self.started is not None else time.monotonic()
         client = self.client
         parent = client.get_run(self.parent_run_id)
+        self._shared = {k: parent.data.tags[k] for k in SHARED_TAGS if k in parent.data.tags}
+        self._dataset_logged = bool(parent.inputs and parent.inputs.dataset_inputs)
         ref = parent.data.tags.get("hybridnas.hv_reference")
         self._hv = HypervolumeTracker(
             self.objectives, self.constraints, reference=json.loads(ref) if ref else None
@@ -188,9 +232,29 @@ class MlflowSearchCallback(Callback):
                     self._add_to_front(run.data.metrics, run.data.tags.get("hybridnas.trial", "?"))
             else:
                 # Cut short by the interruption: the trial restarts from scratch, with a new run.
+                close_unfinished_run(client, run)
                 client.delete_run(run.info.run_id)
         if self._done:
             self._print(f"resumed: {self._summary()}")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        poll = getattr(self.client, "poll", None)
+        if poll is not None:  # the store was away: deliver what waits once it answers
+            poll()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Tune's loop ended (finished, interrupted, or Tune raised): the runs of trials that did
+        not finish end KILLED (a resumed search deletes them and runs those trials again)."""
+        client = self.client
+        for tid, run_id in list(self._runs.items()):
+            if tid not in self._done:
+                with contextlib.suppress(Exception):
+                    set_tags(client, run_id, {"hybridnas.status": "killed"})
+                    client.set_terminated(run_id, "KILLED")
+                self._done.add(tid)
+        poll = getattr(client, "poll", None)
+        if poll is not None:
+            poll(force=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tid = trial.trial_id
@@ -212,12 +276,14 @@ class MlflowSearchCallback(Callback):
         client = self.client
         run = client.create_run(
             self.experiment_id,
-            run_name=f"trial-{number}",
+            run_name=self._name(cfg, spec),
             tags={
                 "mlflow.parentRunId": self.parent_run_id,
                 "hybridnas.kind": "trial",
                 "hybridnas.trial": number,
                 "hybridnas.ray_trial_id": tid,
+                **self._shared,
+                "hybridnas.arch": run_names.arch_line(spec),
                 "hybridnas.arch_hash": spec.arch_hash(),
                 "hybridnas.status": "running",
                 "hybridnas.optuna_params": json.dumps(cfg.get("optuna_params") or {}, sort_keys=True),
@@ -229,6 +295,8 @@ class MlflowSearchCallback(Callback):
         run_id = run.info.run_id
         self._runs[tid] = run_id
         log_params(client, run_id, spec.flat_params())
+        predicted = cfg.get("predicted") or {}
+        log_metrics(client, run_id, {k: predicted.get(k) for k in ARCH_METRICS}, step=0)
         client.log_text(run_id, spec.to_yaml(), "arch.yaml")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -271,19 +339,17 @@ class MlflowSearchCallback(Callback):
             self.on_trial_start(0, trials, trial)
         run_id = self._runs[tid]
         client = self.client
-        number = str(trial_config(trial).get("trial_number", tid))
-        finals = {k: result.get(k) for k in FINAL_METRICS}
-        if status in ("ok", STATUS_STOPPED):
-            finals["epochs_trained"] = result.get("epoch") or result.get("epochs_trained")
-        if status not in ("ok", STATUS_STOPPED):
-            finals.pop("val_acc")  # an untrained or broken model has no accuracy to compare
-            finals.pop("train_loss")
-        epochs = self._epochs_logged.get(tid, 0)
-        if status in ("ok", STATUS_STOPPED) and epochs and int(result.get("epoch", 0)) == epochs:
-            # The last epoch already logged val_acc/train_loss at this step; do not add a twin point.
-            finals.pop("val_acc")
-            finals.pop("train_loss")
-        log_metrics(client, run_id, finals, step=int(result.get("epoch", 0) or 0))
+        cfg = trial_config(trial)
+        number = str(cfg.get("trial_number", tid))
+        if status != "infeasible":  # an untrained run has no training time, not a zero one
+            log_metrics(client, run_id, {k: result.get(k) for k in TRAINING_METRICS if result.get(k)}, step=0)
+        epoch = int(result.get("epoch", 0) or 0)
+        if status in ("ok", STATUS_STOPPED) and epoch:
+            log_metrics(client, run_id, {"epochs_trained": epoch}, step=0)
+        if status == "ok" and epoch and self._epochs_logged.get(tid, 0) != epoch:
+            # The curve's last point is the final accuracy: logged here only when no epoch report
+            # carried it (a trial reports its epochs as it goes; this is the exception).
+            log_metrics(client, run_id, {k: result.get(k) for k in EPOCH_METRICS}, step=epoch)
         tags = {"hybridnas.status": status}
         if status == STATUS_STOPPED:
             tags["hybridnas.rung"] = str(int(result.get("epoch") or result.get("epochs_trained") or 0))
@@ -301,16 +367,65 @@ class MlflowSearchCallback(Callback):
         set_tags(client, run_id, tags)
         if status == "failed" and result.get("traceback"):
             client.log_text(run_id, str(result["traceback"]), "error.txt")
-        client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+        self._log_dataset(run_id, result.get("dataset"))
+        client.set_terminated(run_id, RUN_STATUS[status])
+        if status in run_names.STATUS_MARKS:
+            from hybridnas.search_space.spec import ArchSpec
+
+            rename(
+                client,
+                run_id,
+                run_names.marked(self._name(cfg, ArchSpec.from_dict(cfg["arch"], warn=False)), status),
+            )
         self._done.add(tid)
         self._counts[status] += 1
         if status == "ok" and not self.repeats:
-            self._add_to_front({**finals, "val_acc": result.get("val_acc")}, number)
-        n_done = sum(self._counts.values())
-        if self._hv is not None and self._hv.reference is not None and not self.repeats:
-            log_metrics(client, self.parent_run_id, {"hypervolume": self._hv.value}, step=n_done)
+            self._add_to_front(result, number)
+        if not self.repeats:  # the parent's summary counts the search's trials, not the repeats
+            self._log_progress()
         running = sum(1 for t in trials if t.status == "RUNNING" and t.trial_id != tid)
         self._print(self._line(number, status, result, running))
+
+    def _name(self, cfg: Mapping[str, Any], spec: Any) -> str:
+        """The child run's name before its outcome marks (`runners.run_names`)."""
+        tags = cfg.get("tags") or {}
+        if "variant" in tags:  # an ablation's trial
+            return run_names.ablation_name(tags["variant"], tags.get("seed", "?"))
+        base = run_names.trial_name(
+            cfg.get("trial_number", "?"),
+            run_names.digits(self.total_trials),
+            run_names.varied_summary(spec, self.varied),
+        )
+        repeat = tags.get("hybridnas.seed") if tags.get("hybridnas.repeat_of") else None
+        return run_names.marked(base, repeat_seed=repeat)
+
+    def _log_dataset(self, run_id: str, info: Any) -> None:
+        """The data the trial trained on, as dataset inputs of its run and (once) of the parent."""
+        if not info:
+            return
+        data = json.loads(info) if isinstance(info, str) else dict(info)
+        log_dataset(self.client, run_id, data)
+        if not self._dataset_logged:
+            log_dataset(self.client, self.parent_run_id, data)
+            self._dataset_logged = True
+
+    def _log_progress(self) -> None:
+        """The parent's summary after each finished trial (step = trials finished): counts by
+        status, the best value of each objective and, with several, the hypervolume both raw and
+        as the share of its reference box (0-1)."""
+        n_done = sum(self._counts.values())
+        metrics: dict[str, float] = {f"n_{s}": n for s, n in self._counts.items()}
+        metrics["n_done"] = n_done
+        if self._hv is not None and self._hv.points:
+            for j, (m, mode) in enumerate(self.objectives):
+                column = [p[j] for p in self._hv.points]
+                metrics[f"best_{m}"] = max(column) if mode == "max" else min(column)
+            if len(self.objectives) > 1:
+                metrics["hypervolume"] = self._hv.value
+                norm = self._hv.normalized
+                if norm is not None:
+                    metrics["hypervolume_norm"] = norm
+        log_metrics(self.client, self.parent_run_id, metrics, step=n_done)
 
     def _add_to_front(self, metrics: Mapping[str, Any], number: str) -> None:
         if self._hv is None:
@@ -334,24 +449,22 @@ class MlflowSearchCallback(Callback):
     def _summary(self) -> str:
         c = self._counts
         total = f"/{self.total_trials}" if self.total_trials else ""
-        stopped = f", {c['stopped']} stopped early" if self.stopping else ""
-        text = (
-            f"{sum(c.values())}{total} done ({c['ok']} ok{stopped}, {c['failed']} failed, "
-            f"{c['infeasible']} infeasible)"
-        )
+        parts = ", ".join(f"{n} {s}" for s, n in c.items() if n or s in ("ok", "failed", "infeasible"))
+        text = f"{sum(c.values())}{total} done ({parts})"
         if self._best is not None:
             metric = self.objectives[0][0]
-            text += f"; best {metric} {_human(self._best[0], metric)} (trial {self._best[1]})"
+            text += f"; best {metric} {human(self._best[0], metric)} (trial {self._best[1]})"
         if len(self.objectives) > 1 and self._hv is not None and self._hv.points:
             text += f", hypervolume {self._hv.value:.4g}"
-        return text
+        away = getattr(self.client, "status", lambda: "")()
+        return text + (f"; {away}" if away else "")
 
     def _line(self, number: str, status: str, result: Mapping[str, Any], running: int) -> str:
         shown = [m for m, _ in self.objectives] + [
             m for m in ("val_acc", "macs", "params") if m not in dict(self.objectives)
         ]
         if status in ("ok", STATUS_STOPPED):
-            what = "  ".join(f"{m} {_human(result.get(m), m)}" for m in shown if _finite(result.get(m)))
+            what = "  ".join(f"{m} {human(result.get(m), m)}" for m in shown if _finite(result.get(m)))
             what += f"  {float(result.get('train_time_s', 0.0)):.1f}s"
             if status == STATUS_STOPPED:
                 what = f"at epoch {int(result.get('epoch') or result.get('epochs_trained') or 0)}: {what}"

@@ -12,8 +12,9 @@ A search is thousands of short trainings, so this loop follows airbench
   rungs of a moasha search: `restart_factor`), label smoothing,
   weight decay only on weight matrices/kernels (not norms, biases or position tables).
 - channels_last everywhere (1.3x on CPU too). bf16 autocast on CUDA and on CPUs with native bf16
-  matrix units (AMX, AVX512-BF16; 1.2-2x per step there, see `hybridnas bench train`), fp32 on
-  other CPUs (``train.precision`` overrides). CPU: torch threads from the trial's CPUs; the same
+  matrix units (AMX, AVX512-BF16, with oneDNN free to use them: `runners.machine`; 1.2-2x per step
+  there, see `hybridnas bench train`), fp32 on other CPUs, where bf16 is emulated and slower
+  (``train.precision`` overrides; forcing bf16 there warns). CPU: torch threads from the trial's CPUs; the same
   seed on the same machine gives the same numbers to the last digit.
 
 ``train_model`` is the one entry point: the CLI (`hybridnas train`) and Ray trials both call it,
@@ -25,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,11 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridnas import __version__
-from hybridnas.runners.files import atomic_write
+from hybridnas.runners.files import atomic_write, check_writable_dir
 from hybridnas.search_space.config import DataConfig, TrainConfig
 from hybridnas.search_space.errors import SpecError, UserError
 
 from .data import Dataset, DataShape, expected_shape, load_dataset
+from .device import resolve_device, torch_threads
+from .machine import Bf16Support, bf16_support
 
 if TYPE_CHECKING:
     from hybridnas.search_space.spec import ArchSpec
@@ -80,59 +85,35 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------- devices
 
 
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/None -> cuda when available, else cpu; ``cuda`` without a GPU is a `UserError`."""
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu (or auto)"
+@functools.cache
+def _warn_emulated_bf16(support: Bf16Support) -> None:
+    """Once per process (the CLI and every trial in a worker resolve the precision again)."""
+    msg = (
+        f"precision bf16 on a CPU without native bf16 ({support.why}): bf16 is emulated here and "
+        "trains slower than fp32 (precision auto picks fp32 on this CPU)"
+    )
+    if not support.onednn:
+        msg += (
+            "; oneDNN has no bf16 kernels, so convolutions run in torch's reference kernels, which "
+            "sum weight gradients over the batch in bf16"
         )
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"device {name!r} is not supported; use auto, cpu or cuda")
-    return dev
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Use ``n`` intra-op threads for the duration (0 = leave as is), then restore."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n > 0:
-            torch.set_num_threads(before)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Does this CPU multiply bf16 in hardware (AMX tiles or AVX512-BF16)? Then oneDNN's bf16
-    convolutions and matmuls beat fp32; on other CPUs bf16 is emulated and slower."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    for name in checks:  # private helpers of torch.cpu (torch >= 2.3); absent means "don't know"
-        fn = getattr(torch.cpu, name, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except RuntimeError:
-            pass
-    return False
+    warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16, else ``fp32``; others unchanged."""
+    """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16 (`machine.bf16_support`), else
+    ``fp32``; others unchanged. ``bf16`` forced on a CPU without native bf16 warns: it is emulated
+    there, slower than fp32 (see the README's ``precision``)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
+    if device.type == "cuda" or precision == "fp32":
+        return "bf16" if precision == "auto" else precision
+    support = bf16_support()
+    if precision == "auto":
+        return "bf16" if support.native else "fp32"
+    if not support.native:
+        _warn_emulated_bf16(support)
+    return precision
 
 
 def _sync(device: torch.device) -> None:
@@ -311,8 +292,8 @@ def train_model(
 
     check_compatible(spec, data)
     dev = resolve_device(device if device is not None else cfg.device)
-    n_threads = (threads or cfg.threads or 0) if dev.type == "cpu" else 0
-    with _threads(n_threads):
+    n_threads = (threads or cfg.threads or None) if dev.type == "cpu" else None
+    with torch_threads(n_threads):
         seed_everything(cfg.seed)  # the initial weights depend on the seed only
         model = build_model(spec)
         return fit(
@@ -541,7 +522,7 @@ def train_arch(
     ``model.pt`` and ``arch.yaml`` (with ``metrics:`` and ``provenance:``) under ``out``.
 
     Raises `TrainingDiverged` when the loss turns non-finite, `UserError`s for bad input."""
-    from hybridnas.runners.measure import profile
+    from hybridnas.runners.macs import profile
 
     data_cfg = data_config_for(spec, data, root)
     prov = spec.provenance if isinstance(spec.provenance, Mapping) else {}
@@ -557,12 +538,14 @@ def train_arch(
         precision=precision,
         threads=threads,
     )
+    # Before loading and training: a folder that cannot be written should not cost a run.
+    folder = Path(out) if out else Path("runs") / f"train-{spec.arch_hash()}"
+    check_writable_dir(folder, "--out" if out else "output folder")
     shape = expected_shape(data_cfg)
     if shape is not None:
         check_compatible(spec, shape)  # before a slow load or a download
     dataset = load_dataset(data_cfg)
     check_compatible(spec, dataset)
-    folder = Path(out) if out else Path("runs") / f"train-{spec.arch_hash()}"
     dev = resolve_device(cfg.device)
     if on_start is not None:
         on_start(

@@ -103,14 +103,23 @@ _DATA_CACHE: dict[str, Any] = {}  # per worker process; reuse_actors keeps the p
 
 
 def cached_dataset(data_cfg: Mapping[str, Any]) -> Any:
+    """The dataset of ``data_cfg``, loaded once per worker process; with it, under the same key
+    plus ``"/info"``, what MLflow records of it (`runners.data.dataset_info`, as JSON)."""
     key = json.dumps(dict(data_cfg), sort_keys=True, default=str)
     if key not in _DATA_CACHE:
-        from hybridnas.runners.data import load_dataset
+        from hybridnas.runners.data import dataset_info, load_dataset
         from hybridnas.search_space.config import DataConfig
 
         _DATA_CACHE.clear()  # one dataset per search; do not hold two in memory
-        _DATA_CACHE[key] = load_dataset(DataConfig.from_dict(dict(data_cfg)))
+        cfg = DataConfig.from_dict(dict(data_cfg))
+        _DATA_CACHE[key] = load_dataset(cfg)
+        _DATA_CACHE[key + "/info"] = json.dumps(dataset_info(_DATA_CACHE[key], cfg))
     return _DATA_CACHE[key]
+
+
+def _dataset_info(data_cfg: Mapping[str, Any]) -> str | None:
+    """The JSON `cached_dataset` keeps of a loaded dataset; None when this process has not loaded it."""
+    return _DATA_CACHE.get(json.dumps(dict(data_cfg), sort_keys=True, default=str) + "/info")
 
 
 def _node_id() -> str:
@@ -126,7 +135,7 @@ def _fault(t: TrialConfig) -> str | None:
     """The fault injected into this trial by ``HYBRIDNAS_FAULTS`` (tests only)."""
     for item in str(t.faults or "").split(","):
         number, _, kind = item.partition(":")
-        if number.strip() and number.strip() == str(t.trial_number):
+        if number.strip() and number.strip() in ("*", str(t.trial_number)):
             return kind.strip()
     return None
 
@@ -152,8 +161,9 @@ def hybridnas_trial(config: dict) -> None:
     Reports (``tune.report``) ``status: running`` once per epoch (epoch, train_loss, val_acc,
     imgs_per_s, epoch_time_s, the training time so far as train_time_s, and the driver-computed
     macs/flops/params/latency_ms, so a scheduler can rank trials by every objective at a rung),
-    then one final result with ``status`` ok | failed | infeasible, train_time_s and imgs_per_s.
-    With ``restarts`` (the rungs of asha/moasha) the learning rate anneals at each rung
+    then one final result with ``status`` ok | failed | infeasible, train_time_s, imgs_per_s and,
+    once the data is loaded, ``dataset`` (JSON of `runners.data.dataset_info`). With ``restarts``
+    (the rungs of asha/moasha) the learning rate anneals at each rung
     (`runners.train.restart_factor`). Never raises for a bad architecture or a diverging run: the
     error goes into the result.
     """
@@ -192,12 +202,15 @@ def hybridnas_trial(config: dict) -> None:
         fault = _fault(t)
         if fault == "crash":
             os._exit(3)  # the worker process dies (as if killed by the OOM killer): Ray retries the trial
+        if fault and fault.startswith("sleep"):  # a slow trial (``*:sleep3``): tests interrupt it
+            time.sleep(float(fault[5:] or 1))
         if fault == "raise":
             raise RuntimeError(f"fault injected by {FAULTS_ENV} into trial {config.get('trial_number')}")
         spec = ArchSpec.from_dict(t.arch, warn=False)
         cfg = TrainConfig.from_dict(t.train)
         if fault == "diverge":
-            cfg = cfg.replace(lr=float("inf"))  # an infinite step size: the loss turns NaN at once
+            # An infinite step size (past validation, which rejects it): the loss turns NaN at once.
+            cfg = dataclasses.replace(cfg, lr=float("inf"))
         data = cached_dataset(t.data)
         threads = cfg.threads or max(1, int(t.cpus or 1))
 
@@ -218,6 +231,7 @@ def hybridnas_trial(config: dict) -> None:
                 "traceback": traceback.format_exc(limit=20),
                 "epoch": getattr(e, "epoch", epoch),  # TrainingDiverged says in which epoch
                 "train_time_s": 0.0 if t_train is None else time.perf_counter() - t_train,
+                **({"dataset": _dataset_info(t.data)} if t_train is not None else {}),
             }
         )
         return
@@ -231,5 +245,6 @@ def hybridnas_trial(config: dict) -> None:
             "train_time_s": res.train_time_s,
             "imgs_per_s": res.imgs_per_s,
             "precision": res.precision,
+            "dataset": _dataset_info(t.data),
         }
     )

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .config import DataConfig, TrainConfig
+from .config import MAX_CONCURRENCY, MAX_SEED, DataConfig, TrainConfig, check_range
 from .errors import SpecError, did_you_mean
 from .experiment import (
     LatencyConfig,
@@ -135,6 +135,8 @@ class AblationStudy:
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds_raw)
         ):
             raise SpecError("seeds", f"expected a non-empty list of integers, got {seeds_raw!r}")
+        for i, seed in enumerate(seeds_raw):
+            check_range(seed, f"seeds[{i}]", 0, MAX_SEED)
         if len(set(seeds_raw)) != len(seeds_raw):
             raise SpecError("seeds", f"seeds must be distinct, got {seeds_raw!r}")
         if len(seeds_raw) < 2:
@@ -145,8 +147,9 @@ class AblationStudy:
             )
         vary = _parse_vary(raw["vary"])
         concurrency = raw.get("concurrency", 2)
-        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool):
             raise SpecError("concurrency", f"expected a positive integer, got {concurrency!r}")
+        check_range(concurrency, "concurrency", 1, MAX_CONCURRENCY)
         confidence = raw.get("confidence", 0.95)
         if not isinstance(confidence, (int, float)) or not 0.5 <= float(confidence) < 1.0:
             raise SpecError("confidence", f"expected a number in [0.5, 1), got {confidence!r}")

@@ -10,7 +10,7 @@
     constraints: {macs: {max: 2.0e7}}              # numbers may be written 20M, 1.5G, 2e7
     search: {sampler: nsga2, trials: 16, concurrency: 2, seed: 0, max_failures: 1}
     resources: {cpu: 1, gpu: 0}                    # per trial; fractions allowed
-    latency: {device: cpu, batch_size: 1, threads: 1}
+    latency: {device: cpu, batch_size: 1, threads: 1, clock: auto}   # clock: auto | wall | cpu
     tracking: {uri: sqlite:///mlflow.db, experiment: quickstart}
     out_dir: hybridnas_runs/quickstart             # the default
 
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, TrainConfig
+from .config import MAX_CONCURRENCY, MAX_SEED, DataConfig, TrainConfig
 from .errors import SpecError, not_one_of
 from .space import ENUMERATE_LIMIT, SearchSpace
 from .spec import InputSpec, as_choice, as_float, as_int, check_mapping, key_path, load_mapping, type_name
@@ -41,6 +41,7 @@ MODES = ("min", "max")
 SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "grid")
 SCHEDULERS = ("fifo", "asha", "moasha")
 LATENCY_DEVICES = ("cpu", "cuda")
+LATENCY_CLOCKS = ("auto", "wall", "cpu")  # auto: cpu with one thread on the CPU, else wall
 EXPERIMENT_KEYS = (
     "name",
     "data",
@@ -144,6 +145,7 @@ class LatencyConfig:
     device: str = "cpu"
     batch_size: int = 1
     threads: int = 1
+    clock: str = "auto"  # what times a run: wall (perf_counter), cpu (the thread's CPU time), or auto
 
 
 @dataclass(frozen=True)
@@ -361,8 +363,8 @@ def _search(value: Any) -> SearchConfig:
     return SearchConfig(
         sampler=sampler,
         trials=as_int(d.get("trials", 20), "search.trials", 1, 1_000_000),
-        concurrency=as_int(d.get("concurrency", 1), "search.concurrency", 1, 4096),
-        seed=as_int(d.get("seed", 0), "search.seed", 0, 2**32 - 1),
+        concurrency=as_int(d.get("concurrency", 1), "search.concurrency", 1, MAX_CONCURRENCY),
+        seed=as_int(d.get("seed", 0), "search.seed", 0, MAX_SEED),
         max_failures=as_int(d.get("max_failures", 1), "search.max_failures", 0, 100),
         scheduler=scheduler,
         min_epochs=as_int(d.get("min_epochs", 1), "search.min_epochs", 1),
@@ -435,6 +437,13 @@ def parse_latency(value: Any, path: str = "latency") -> LatencyConfig:
     as_choice(lat.device, f"{path}.device", LATENCY_DEVICES)
     as_int(lat.batch_size, f"{path}.batch_size", 1, 4096)
     as_int(lat.threads, f"{path}.threads", 1, 1024)
+    as_choice(lat.clock, f"{path}.clock", LATENCY_CLOCKS)
+    if lat.clock == "cpu" and (lat.device != "cpu" or lat.threads != 1):
+        raise SpecError(
+            f"{path}.clock",
+            f"'cpu' times the calling thread, so it needs device cpu and threads 1 (got device "
+            f"{lat.device!r}, threads {lat.threads}); use wall or auto",
+        )
     return lat
 
 

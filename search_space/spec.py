@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,6 +35,7 @@ import yaml
 
 from hybridnas.blocks import ADDONS, ATTENTION_MIXERS, DOWNSAMPLES, MIXERS
 
+from .config import MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_INPUT_SIZE, check_range
 from .errors import SpecError, did_you_mean, not_one_of
 
 NORMS = ("batchnorm", "layernorm")
@@ -45,9 +45,6 @@ NORMS = ("batchnorm", "layernorm")
 MAX_CHANNELS = 4096
 MAX_DEPTH = 64
 MAX_STAGES = 16
-MAX_INPUT_SIZE = 1024
-MAX_INPUT_CHANNELS = 64
-MAX_CLASSES = 100_000
 MAX_OPTION_INT = 256
 MAX_MLP_RATIO = 16.0
 
@@ -101,10 +98,7 @@ def check_mapping(
 def as_int(value: Any, path: str, lo: int | None = None, hi: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise SpecError(path, f"expected an integer, got {type_name(value)} {value!r}")
-    if lo is not None and value < lo:
-        raise SpecError(path, f"must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise SpecError(path, f"must be <= {hi}, got {value}")
+    check_range(value, path, lo, hi)
     return value
 
 
@@ -120,12 +114,7 @@ def as_float(
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise SpecError(path, f"expected a number, got {type_name(value)} {value!r}")
     value = float(value)
-    if not math.isfinite(value):
-        raise SpecError(path, f"expected a finite number, got {value}")
-    if lo is not None and value < lo:
-        raise SpecError(path, f"must be >= {lo}, got {value}")
-    if hi is not None and (value >= hi if hi_open else value > hi):
-        raise SpecError(path, f"must be {'<' if hi_open else '<='} {hi}, got {value}")
+    check_range(value, path, lo, hi, open_hi=hi_open)
     return value
 
 
@@ -289,8 +278,17 @@ def load_yaml(text: str, source: str | None = None) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = e.problem or e.context or "syntax error"
         raise SpecError(source or "yaml", f"invalid YAML{where}: {problem}") from None
+    except yaml.reader.ReaderError as e:  # a control character (binary junk): say where, on one line
+        char = e.character if isinstance(e.character, str) else chr(e.character)
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise SpecError(
+            source or "yaml",
+            f"invalid YAML at line {line}, column {column}: character {char!r} is not allowed "
+            "(a binary file?)",
+        ) from None
     except yaml.YAMLError as e:
-        raise SpecError(source or "yaml", f"invalid YAML: {e}") from None
+        raise SpecError(source or "yaml", f"invalid YAML: {' '.join(str(e).split())}") from None
 
 
 def load_mapping(text_or_path: str | os.PathLike, what: str) -> tuple[dict, str, str | None]:

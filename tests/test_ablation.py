@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,23 @@ def test_ablation_logs_parent_and_tagged_children_and_a_table_matching_scipy(tmp
         assert row.p_value == pytest.approx(t.pvalue)
         assert (row.ci_low, row.ci_high) == pytest.approx(tuple(t.confidence_interval(0.95)))
     assert (res.out_dir / "ablation.md").read_text().count("\n|") >= 3
+    # Readable in MLflow: children named after variant and seed, the table as the parent's
+    # description and as per-variant metrics.
+    assert {k.info.run_name for k in kids} == {
+        "base seed0",
+        "base seed1",
+        "s1.mixer=window seed0",
+        "s1.mixer=window seed1",
+    }
+    parent = client.get_run(res.parent_run_id)
+    assert parent.data.metrics["mean/base"] == pytest.approx(np.mean(acc["base"]))
+    assert parent.data.metrics["diff/s1.mixer_window"] == pytest.approx(row.diff)
+    assert (res.out_dir / "ablation.md").read_text() in parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["hybridnas.search_id"] == kids[0].data.tags["hybridnas.search_id"]
+    assert res.runs_url.endswith(f"/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
+    assert (
+        res.parent_url == f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{res.parent_run_id}"
+    )
     assert "stages.1.mixer=window" in capsys.readouterr().out
 
     # Resume: nothing finished is trained again; new seeds train only themselves.
@@ -99,6 +117,29 @@ def test_ablation_logs_parent_and_tagged_children_and_a_table_matching_scipy(tmp
     keys = [(k.data.tags["variant"], k.data.tags["seed"]) for k in kids]
     assert len(keys) == len(set(keys)) == 6
     assert grown.rows[0].n == 3
+
+
+def test_an_ablation_in_which_every_trial_failed_exits_1_and_writes_no_table(
+    tmp_path, ray_local, capsys, monkeypatch
+):
+    trials = [f"{v}/seed{s}" for v in ("base", "stages.1.mixer=window") for s in (0, 1)]
+    monkeypatch.setenv("HYBRIDNAS_FAULTS", ",".join(f"{t}:raise" for t in trials))
+    path = _write(tmp_path, "allfail", vary={"stages.1.mixer": ["window"]})
+    assert cli.main(["ablate", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    # The injected errors name their trial (base/seed0, ...): two per variant name are alike.
+    assert re.match(
+        r"hybridnas: error: no trial trained: 4 of 4 failed; the most common error \(2 of 4\): "
+        r"RuntimeError: fault injected by HYBRIDNAS_FAULTS into trial \S+/seed\d$",
+        err[-1],
+    ), err[-1]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("allfail")
+    parent = client.search_runs([exp.experiment_id], "tags.`hybridnas.kind` = 'ablation'")[0]
+    assert parent.info.status == "FAILED" and parent.data.tags["hybridnas.error"].startswith(
+        "no trial trained"
+    )
+    assert not (tmp_path / "out" / "allfail" / "ablation.md").exists()
 
 
 def test_grid_and_one_at_a_time_sizes(tmp_path):

@@ -102,6 +102,42 @@ def test_file_errors(tmp_path):
         AblationStudy.from_yaml(bad)
 
 
+def test_seeds_and_train_factors_are_checked_for_meaning():
+    with pytest.raises(SpecError, match=r"^seeds\[1\]: must be >= 0, got -1$"):
+        study(vary={"stages.1.mixer": ["window"]}, seeds=[0, -1])
+    with pytest.raises(SpecError, match=r"^vary.train.label_smoothing: value 2.0: must be < 1"):
+        study(vary={"train.label_smoothing": [0.0, 2.0]})
+    with pytest.raises(SpecError, match=r"^vary.train.lr: value nan: expected a finite number"):
+        study(vary={"train.lr": [0.001, float("nan")]})
+    with pytest.raises(SpecError, match=r"^concurrency: must be <= 4,096"):
+        study(vary={"stages.1.mixer": ["window"]}, concurrency=10**6)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a UTF-8 text file"),
+        (b"base: a.yaml\nbase: b.yaml\n", "duplicate key 'base'"),
+        (b"- just\n- a list\n", "an ablation file is a mapping"),
+    ],
+    ids=["binary", "duplicate-key", "list"],
+)
+def test_a_bad_ablation_file_is_one_spec_error_naming_it(tmp_path, content, words):
+    f = tmp_path / "abl.yaml"
+    f.write_bytes(content)
+    with pytest.raises(SpecError) as e:
+        AblationStudy.from_yaml(f)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    if words != "an ablation file is a mapping":
+        assert str(f) in str(e.value)
+
+
+def test_an_ablation_path_that_is_a_directory_is_a_spec_error(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(SpecError, match="is a directory"):
+        AblationStudy.from_yaml(tmp_path / "dir.yaml")
+
+
 def test_one_seed_warns_that_there_will_be_no_intervals():
     with pytest.warns(UserWarning, match="no confidence intervals"):
         AblationStudy.from_dict({"base": BASE, "vary": {"stages.1.mixer": ["window"]}, "seeds": [0]})

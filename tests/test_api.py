@@ -44,7 +44,7 @@ def test_import_hybridnas_is_light_and_exposes_the_api():
 
 
 def test_profile_matches_the_counter_and_takes_a_spec_or_a_path(tmp_path):
-    from hybridnas.runners.measure import profile_spec
+    from hybridnas.runners.macs import profile_spec
 
     spec = hybridnas.ArchSpec.from_dict(TINY)
     path = tmp_path / "a.yaml"

@@ -12,6 +12,7 @@ from torch import nn
 
 from hybridnas import blocks
 from hybridnas.runners.bench import blocks as bench
+from hybridnas.runners.machine import machine_line
 
 NUMBER = r"[-+]?\d+(?:\.\d+)?"
 
@@ -36,6 +37,7 @@ def test_quick_bench_prints_a_row_per_mixer_with_finite_numbers(capsys):
     mixers = ["conv", "acmix", "slide", "window"]
     assert bench.main(argparse.Namespace(quick=True, mixers=mixers)) == 0
     out = capsys.readouterr().out
+    assert out.splitlines()[0] == machine_line()  # which machine, before anything is measured
     assert re.search(rf"matmul rate: {NUMBER} GFLOP/s", out)
     rows = _rows(out)
     for size in (f"{s}^2" for s in bench.QUICK.sizes):

@@ -179,7 +179,7 @@ def test_build_trains_each_feasible_architecture_twice_and_continues_a_partial_t
     )
 
     def measure(spec):  # what a search computes, minus the latency table
-        from hybridnas.runners.measure import profile_spec
+        from hybridnas.runners.macs import profile_spec
 
         p = profile_spec(spec)
         return {"macs": p["macs"], "flops": p["flops"], "params": p["params"], "latency_ms": 1.0}

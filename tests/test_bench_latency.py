@@ -7,16 +7,24 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from hybridnas.runners.bench import latency as bench
+from hybridnas.runners.bench.load import busy_load
+from hybridnas.runners.calibration import NoiseLimits
+from hybridnas.runners.machine import machine_line
 from hybridnas.search_space import Experiment
 from hybridnas.search_space.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
+ANY_MACHINE = NoiseLimits(noise=math.inf, refit=0.0)  # this test is not about noise
 
 TINY_EXPERIMENT = """
 name: tiny_latency
@@ -51,7 +59,7 @@ def test_sampled_architectures_are_distinct_and_respect_exclusions(experiment_fi
 
 def test_test_architectures_are_predicted_from_other_architectures_measurements(experiment_file):
     exp = Experiment.from_yaml(experiment_file)
-    rows = bench.evaluate(exp, samples=2, runs=20, clock="wall")
+    rows = bench.evaluate(exp, samples=2, runs=20, clock="wall", limits=ANY_MACHINE)
     assert len(rows) == 2
     for r in rows:
         # Every unit of this space also occurs in some other architecture, so nothing was measured in
@@ -80,9 +88,10 @@ def test_summary_counts_errors_within_ten_percent():
 
 
 def test_main_prints_share_within_10_percent_and_median_error_per_clock(experiment_file, capsys):
-    rc = bench.main(argparse.Namespace(experiment=str(experiment_file), samples=1, quick=True))
+    rc = bench.main(argparse.Namespace(experiment=str(experiment_file), samples=1, quick=True, load=0))
     out = capsys.readouterr().out
     assert rc == 0
+    assert out.splitlines()[0] == machine_line()  # which machine, before anything is measured
     summaries = re.findall(r"^(wall|cpu): (\d+)% of 1 within 10% .*median \|error\| ([\d.]+)%", out, re.M)
     assert [s[0] for s in summaries] == ["wall", "cpu"]
     assert "noise floor" in out
@@ -96,3 +105,71 @@ def test_default_experiment_is_the_quickstart(monkeypatch):
 def test_bad_sample_count_is_a_user_error(experiment_file):
     with pytest.raises(SpecError, match="samples"):
         bench.main(argparse.Namespace(experiment=str(experiment_file), samples=-1, quick=False))
+
+
+def test_main_with_load_prints_quiet_and_loaded_scores_side_by_side_and_ends_the_load(
+    experiment_file, capsys
+):
+    rc = bench.main(argparse.Namespace(experiment=str(experiment_file), samples=1, quick=True, load=1))
+    out = capsys.readouterr().out
+    assert rc == 0 and not multiprocessing.active_children()  # the busy processes are gone
+    assert "under load: 1 busy processes started" in out and "load ended (1 processes stopped)" in out
+    assert re.search(r"^(wall|cpu) under load 1: \d+% of 1 within 10% of the quiet times", out, re.M)
+    table = out[out.index("side by side") :].splitlines()[1:]
+    assert table[0].split() == [
+        "clock",
+        "quiet",
+        "noise",
+        "floor",
+        "calibration",
+        "load",
+        "1",
+        "noise",
+        "floor",
+        "calibration",
+    ]
+    rows = {ln.split()[0]: ln for ln in table[1:] if ln.strip() and not ln.startswith("machine")}
+    assert set(rows) == {"wall", "cpu"} and "(default)" in rows["cpu"]  # one CPU thread: cpu is the default
+    for ln in rows.values():
+        assert len(re.findall(r"\d+%", ln)) >= 4 and ln.count("calibrated") == 2
+
+
+def test_bad_load_is_a_user_error(experiment_file):
+    with pytest.raises(SpecError, match="load"):
+        bench.main(argparse.Namespace(experiment=str(experiment_file), samples=1, quick=True, load=-1))
+
+
+def test_busy_load_runs_its_processes_for_the_block_only_even_when_the_block_fails():
+    with pytest.raises(RuntimeError, match="inside"):
+        with busy_load(2, 60) as procs:
+            assert len(procs) == 2 and all(p.is_alive() for p in procs)
+            raise RuntimeError("inside")
+    assert not any(p.is_alive() for p in procs) and not multiprocessing.active_children()
+
+
+def test_busy_processes_die_with_a_parent_that_is_killed(tmp_path):
+    # A parent killed outright runs no cleanup: its busy processes must still not outlive it.
+    script = (
+        "import os, sys, time\n"
+        "from hybridnas.runners.bench.load import busy_load\n"
+        "with busy_load(2, 120) as procs:\n"
+        "    print(' '.join(str(p.pid) for p in procs), flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2
+    parent.kill()
+    parent.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is missing

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hybridnas.blocks import build_mixer
 from hybridnas.blocks.acmix import ACmix
 from hybridnas.runners.bench.blocks import unfold_local_attention
-from hybridnas.runners.measure import profile
+from hybridnas.runners.macs import profile
 
 SIZES = [(1, 1), (3, 5), (7, 7), (28, 28)]
 
@@ -178,16 +178,25 @@ def test_acmix_with_unfold_kernel_gives_the_same_output_and_gradients(size):
         torch.testing.assert_close(a, b)
 
 
-def test_acmix_macs_match_the_closed_form():
-    # q/k/v 3C^2 HW; logits + aggregation 2 k_att^2 C HW (k_att^2 clamped to the offsets that fit a
-    # small map); position term 2 C HW (q . W_p, two numbers per head and pixel); conv path:
-    # FC 3 k_c^2 C HW, grouped conv k_c^4 C HW.
+def test_acmix_macs_match_the_paper_form():
+    # blocks_reference 1.5: q/k/v 3C^2 HW; logits + aggregation 2 k_att^2 C HW (k_att^2 clamped to the
+    # offsets that fit a small map); the position term joins the keys as an addition (free); conv
+    # path: FC 3 k_c^2 C HW, grouped conv k_c^4 C HW.
     c = 16
     for k_att, k_c, h, w, d in ((7, 3, 9, 7, 49), (5, 3, 9, 7, 25), (7, 5, 9, 7, 49), (7, 3, 2, 3, 3 * 5)):
         mod = ACmix(c, heads=4, kernel_att=k_att, kernel_conv=k_c)
         hw = h * w
-        expected = 3 * c * c * hw + 2 * d * c * hw + 2 * c * hw + 3 * k_c**2 * c * hw + k_c**4 * c * hw
+        expected = 3 * c * c * hw + 2 * d * c * hw + 3 * k_c**2 * c * hw + k_c**4 * c * hw
         assert profile(mod, (c, h, w))["macs"] == expected
+
+
+def test_acmix_counts_what_the_materialised_unfold_version_multiplies():
+    # The kernel computes the position term as q . W_p (2 C HW products); ACmix's code adds the
+    # position differences to the unfolded keys instead. Both are counted as the latter.
+    mod = ACmix(16, heads=4, kernel_att=5)
+    fast = profile(mod, (16, 9, 7))["macs"]
+    mod.attention = unfold_local_attention
+    assert fast == profile(mod, (16, 9, 7))["macs"]
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import hybridnas.blocks.slide as slide
 from hybridnas.blocks import build_mixer, reparameterize
 from hybridnas.blocks.slide import SlideAttention, local_attention
 from hybridnas.runners.bench.blocks import unfold_local_attention
-from hybridnas.runners.measure import profile
+from hybridnas.runners.macs import profile
 
 SIZES = [(1, 1), (3, 5), (7, 7), (28, 28)]
 
@@ -37,7 +37,7 @@ def _kernel_inputs(b, n, c, h, w, kernel, pos, rpb, mix, dtype=torch.float64):
         q=rnd(b, n, c, h, w),
         k=rnd(b, n, c, h, w),
         v=rnd(b, n, c, h, w),
-        pos=rnd(b, n, 2, h, w) if pos else None,
+        pe=rnd(c, 2) if pos else None,
         rpb=rnd(n, d) if rpb else None,
         mix=(rnd(c, d, d), rnd(c, d)) if mix else None,
     )
@@ -62,10 +62,10 @@ def test_fast_kernel_equals_unfold_reference_with_gradients(
     monkeypatch.setattr(slide, "_TINY_BYTES", tiny_bytes)
     pos, rpb, mix = terms != "plain", terms == "all", terms == "all"
     t = _kernel_inputs(3, 2, 4, *size, kernel, pos, rpb, mix)
-    leaves = [x for x in (t["q"], t["k"], t["v"], t["pos"], t["rpb"]) if x is not None] + list(t["mix"] or ())
+    leaves = [x for x in (t["q"], t["k"], t["v"], t["pe"], t["rpb"]) if x is not None] + list(t["mix"] or ())
     args = (t["q"], t["k"], t["v"], kernel)
-    fast = local_attention(*args, pos=t["pos"], rpb=t["rpb"], mix=t["mix"])
-    ref = unfold_local_attention(*args, pos=t["pos"], rpb=t["rpb"], mix=t["mix"])
+    fast = local_attention(*args, pe=t["pe"], rpb=t["rpb"], mix=t["mix"])
+    ref = unfold_local_attention(*args, pe=t["pe"], rpb=t["rpb"], mix=t["mix"])
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(fast, leaves, g), torch.autograd.grad(ref, leaves, g)):
@@ -75,8 +75,8 @@ def test_fast_kernel_equals_unfold_reference_with_gradients(
 @pytest.mark.parametrize("size", [(5, 7), (14, 14)])
 def test_fast_kernel_matches_unfold_in_fp32_to_1e_5(size):
     t = _kernel_inputs(2, 2, 8, *size, 7, True, True, False, dtype=torch.float32)
-    fast = local_attention(t["q"], t["k"], t["v"], 7, pos=t["pos"], rpb=t["rpb"])
-    ref = unfold_local_attention(t["q"], t["k"], t["v"], 7, pos=t["pos"], rpb=t["rpb"])
+    fast = local_attention(t["q"], t["k"], t["v"], 7, pe=t["pe"], rpb=t["rpb"])
+    ref = unfold_local_attention(t["q"], t["k"], t["v"], 7, pe=t["pe"], rpb=t["rpb"])
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -231,15 +231,25 @@ def test_slide_is_translation_equivariant_away_from_borders():
     torch.testing.assert_close(y_full[..., r:-r, r:-r], y_crop[..., r:-r, r:-r], rtol=1e-5, atol=1e-5)
 
 
-def test_slide_macs_match_the_closed_form():
-    # qkv + proj 4C^2 HW; deformed shifting on the query side 2 k^4 C HW (what the depthwise convs on
-    # k and v cost); logits and aggregation 2 k^2 C HW; the conv biases 2 k^2 C HW. Small maps clamp
-    # k^2 to the (2ry+1)(2rx+1) offsets that can land inside the image.
+def test_slide_macs_match_the_paper_form():
+    # Slide-Transformer's count (blocks_reference 4.3): qkv + proj 4C^2 HW; logits and aggregation
+    # 2 k^2 C HW; the depthwise conv that deforms k and v 2 k^4 C HW; its bias is an addition. Small
+    # maps clamp k^2 to the (2ry+1)(2rx+1) offsets that can land inside the image.
     c = 16
     for kernel, h, w, d in ((3, 9, 7, 9), (5, 9, 7, 25), (9, 3, 4, 5 * 7)):
         mod = SlideAttention(c, heads=4, kernel=kernel)
-        expected = 4 * c * c * h * w + 2 * d * d * c * h * w + 4 * d * c * h * w
+        expected = 4 * c * c * h * w + 2 * d * d * c * h * w + 2 * d * c * h * w
         assert profile(mod, (c, h, w))["macs"] == expected
+
+
+@pytest.mark.parametrize("size", [(9, 7), (3, 4)])
+def test_slide_counts_what_the_materialised_unfold_version_multiplies(size):
+    # The no-copy kernel executes 2 k^2 C HW more products (the conv bias on the query side); it is
+    # counted as the unfold (Im2Col) version, which builds the deformed keys and values, multiplies.
+    mod = SlideAttention(16, heads=4, kernel=3)
+    fast = profile(mod, (16, *size))["macs"]
+    mod.attention = unfold_local_attention
+    assert fast == profile(mod, (16, *size))["macs"]
 
 
 @pytest.mark.parametrize(

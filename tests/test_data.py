@@ -16,7 +16,14 @@ import torch
 from PIL import Image
 
 from hybridnas.runners import data as data_mod
-from hybridnas.runners.data import Archive, DataError, expected_shape, load_dataset, stratified_split
+from hybridnas.runners.data import (
+    Archive,
+    DataError,
+    expected_shape,
+    load_dataset,
+    prepare_data,
+    stratified_split,
+)
 from hybridnas.search_space.config import DataConfig
 from hybridnas.search_space.errors import UserError
 
@@ -177,6 +184,58 @@ def test_corrupt_pickle_names_the_file(tmp_path):
         load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)))
 
 
+def test_prepare_data_names_the_one_missing_cifar_file_and_its_folder(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder)
+    assert prepare_data(DataConfig(dataset="cifar10", root=str(tmp_path))) == ("cifar10", 3, 32, 10)
+    (folder / "data_batch_4").unlink()
+    with pytest.raises(DataError) as e:
+        prepare_data(DataConfig(dataset="cifar10", root=str(tmp_path)))
+    msg = str(e.value)
+    assert (
+        f"{folder} has data_batch_1, data_batch_2, data_batch_3, data_batch_5, test_batch but not data_batch_4"
+        in msg
+    )
+    assert "download: true" in msg
+    with pytest.raises(DataError, match=r"cifar100: no batch files in .*nowhere"):
+        prepare_data(DataConfig(dataset="cifar100", root=str(tmp_path / "nowhere")))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DataConfig(dataset="digits"),
+        DataConfig(dataset="mnist5k"),
+        DataConfig(dataset="synthetic", size=5, channels=2, classes=3, samples=30),
+    ],
+    ids=lambda c: c.dataset,
+)
+def test_prepare_data_gives_the_shape_load_dataset_gives(cfg):
+    ds = load_dataset(cfg)
+    assert prepare_data(cfg) == (cfg.dataset, ds.channels, ds.size, ds.classes)
+
+
+def test_prepare_data_says_which_package_ships_an_embedded_set(monkeypatch):
+    monkeypatch.setitem(data_mod._SHIPPED_BY, "mnist5k", "hybridnas_no_such_package")
+    monkeypatch.setitem(data_mod._PIP_NAME, "hybridnas_no_such_package", "no-such-package")
+    with pytest.raises(DataError, match=r"^mnist5k: .*no-such-package package, which is not installed"):
+        prepare_data(DataConfig(dataset="mnist5k"))
+
+
+def test_prepare_data_reads_an_imagefolder_for_its_shape(tmp_path):
+    for i, cls in enumerate(["cat", "dog", "eel"]):
+        for j in range(3):
+            _image(tmp_path / cls / f"{j}.png", "L", (10, 10), 40 * i + j)
+    assert prepare_data(DataConfig(dataset="imagefolder", root=str(tmp_path), size=12)) == (
+        "imagefolder",
+        1,
+        12,
+        3,
+    )
+    with pytest.raises(DataError, match="not a directory"):
+        prepare_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "none")))
+
+
 @pytest.fixture
 def served_archive(tmp_path):
     """A cifar-10-python.tar.gz built here, served by http.server on 127.0.0.1 (port chosen by the OS)."""
@@ -216,6 +275,18 @@ def test_download_fetches_verifies_and_unpacks(served_archive, tmp_path, monkeyp
         data_mod.ARCHIVES, "cifar10", Archive("http://127.0.0.1:9/none", md5, "cifar-10-batches-py")
     )
     assert len(load_dataset(DataConfig(dataset="cifar10", root=str(root), download=True)).train_y) == 40
+
+
+def test_prepare_data_downloads_once_so_that_trials_find_the_files(served_archive, tmp_path, monkeypatch):
+    url, md5 = served_archive
+    monkeypatch.setitem(data_mod.ARCHIVES, "cifar10", Archive(url, md5, "cifar-10-batches-py"))
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path / "data"), download=True)
+    assert prepare_data(cfg) == ("cifar10", 3, 32, 10)
+    # The trials: the server is gone, the files are there.
+    monkeypatch.setitem(
+        data_mod.ARCHIVES, "cifar10", Archive("http://127.0.0.1:9/none", md5, "cifar-10-batches-py")
+    )
+    assert len(load_dataset(cfg).train_y) == 40
 
 
 def test_download_with_a_wrong_checksum_leaves_nothing_behind(served_archive, tmp_path, monkeypatch):

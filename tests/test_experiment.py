@@ -75,7 +75,12 @@ def test_defaults_are_filled():
         1,
     )
     assert (e.resources.cpu, e.resources.gpu) == (1.0, 0.0)
-    assert (e.latency.device, e.latency.batch_size, e.latency.threads) == ("cpu", 1, 1)
+    assert (e.latency.device, e.latency.batch_size, e.latency.threads, e.latency.clock) == (
+        "cpu",
+        1,
+        1,
+        "auto",
+    )
     assert e.tracking.uri is None and e.tracking.experiment == "mini"
     assert e.out_dir == "hybridnas_runs/mini"
     assert e.data.dataset == "mnist5k" and e.train.epochs == 3
@@ -200,12 +205,44 @@ ERRORS = [
     (exp(resources={"gpus": 1}), "resources.gpus", ["did you mean 'gpu'"]),
     (exp(latency={"device": "tpu"}), "latency.device", ["cpu, cuda"]),
     (exp(latency={"threads": 0}), "latency.threads", [">= 1"]),
+    (exp(latency={"clock": "wal"}), "latency.clock", ["auto, wall, cpu", "did you mean 'wall'"]),
+    (exp(latency={"clock": "cpu", "threads": 2}), "latency.clock", ["threads 1", "wall or auto"]),
     (exp(tracking={"uri": 5}), "tracking.uri", ["URI"]),
     (exp(serach={}), "serach", ["did you mean 'search'"]),
     ({"name": "t"}, "space", ["required"]),
     (exp(name="a b/c"), "name", ["letters"]),
     (exp(data={"dataset": "mnist"}), "data.dataset", ["mnist5k"]),
     (exp(train={"epochs": 0}), "train.epochs", [">= 1"]),
+    # values checked for meaning, not only type
+    (exp(train={"lr": float("nan")}), "train.lr", ["finite"]),
+    (exp(train={"lr": float("inf")}), "train.lr", ["finite"]),
+    (exp(train={"lr": 0}), "train.lr", ["> 0"]),
+    (exp(train={"label_smoothing": 2.0}), "train.label_smoothing", ["< 1", "probability"]),
+    (exp(train={"label_smoothing": -0.1}), "train.label_smoothing", [">= 0"]),
+    (exp(train={"weight_decay": -0.01}), "train.weight_decay", [">= 0"]),
+    (exp(train={"momentum": 1.0}), "train.momentum", ["< 1"]),
+    (exp(train={"warmup_epochs": float("nan")}), "train.warmup_epochs", ["finite"]),
+    (exp(train={"epochs": 10**12}), "train.epochs", ["<= 10,000"]),
+    (exp(train={"batch_size": 10**7}), "train.batch_size", ["<= 65,536"]),
+    (exp(train={"threads": -1}), "train.threads", [">= 0", "0 = from the trial's CPUs"]),
+    (exp(train={"seed": -1}), "train.seed", [">= 0"]),
+    (exp(train={"seed": 2**40}), "train.seed", ["<= 4,294,967,295"]),
+    (exp(train={"crop_padding": -2}), "train.crop_padding", [">= 0"]),
+    (exp(train={"max_train_batches": -1}), "train.max_train_batches", [">= 0"]),
+    (exp(train={"lr": "fast"}), "train.lr", ["expected a number"]),
+    (exp(data={"seed": -1}), "data.seed", [">= 0"]),
+    (exp(data={"val_fraction": float("nan")}), "data.val_fraction", ["finite"]),
+    (exp(data={"val_fraction": 1.0}), "data.val_fraction", ["< 1"]),
+    (exp(data={"samples": 10**9}), "data.samples", ["<= 10,000,000"]),
+    (exp(data={"root": 5}), "data.root", ["a string"]),
+    (exp(data={"dataset": "synthetic", "classes": 1}), "data.classes", [">= 2"]),
+    (
+        exp(data={"dataset": "synthetic", "samples": 10**6, "size": 64}),
+        "data.samples",
+        ["at most 268,435,456"],
+    ),
+    (exp(data={"dataset": "synthetic", "samples": 10, "classes": 10}), "data.samples", ["at least 20"]),
+    (exp(search={"concurrency": 10**6}), "search.concurrency", ["<= 4,096"]),
     (exp(out_dir=3), "out_dir", ["directory"]),
     (
         exp(space={"stages": [{"mixer": "conv", "depth": 1, "channels": 8, "addon": "sе"}]}),

@@ -24,7 +24,7 @@ from hybridnas.runners.export import (
     select,
 )
 from hybridnas.runners.files import atomic_write
-from hybridnas.runners.measure import profile_spec
+from hybridnas.runners.macs import profile_spec
 from hybridnas.runners.pareto import knee, non_dominated
 from hybridnas.runners.store import redact
 from hybridnas.search_space.spec import ArchSpec
@@ -332,14 +332,15 @@ def test_cli_pareto_prints_the_front_and_writes_plots(store, runs, archs, tmp_pa
     assert set(csv["arch_hash"]) == {s.arch_hash() for s, _ in archs}
     png = out_dir / "pareto_val_acc_vs_macs.png"
     assert np.asarray(Image.open(png).convert("L")).std() > 5
-    html = (out_dir / "pareto_macs_vs_params.html").read_text()
+    html = (out_dir / "fronts.html").read_text()
     assert "shifted_window x1 c16 +ca" in html and store["runs"]["2"] in html
     assert {p.name for p in out_dir.iterdir()} == {
         "pareto.csv",
+        "front.md",
+        "fronts.html",
         *(
-            f"pareto_{a}_vs_{b}.{ext}"
+            f"pareto_{a}_vs_{b}.png"
             for a, b in [("val_acc", "macs"), ("val_acc", "params"), ("macs", "params")]
-            for ext in ("png", "html")
         ),
     }
 
@@ -348,3 +349,12 @@ def test_export_arch_refuses_a_row_without_an_architecture(tmp_path):
     with pytest.raises(ExportError, match="no architecture"):
         export_arch({"trial": "3", "val_acc": 0.5}, "demo", tmp_path / "x.yaml")
     assert not Path(tmp_path / "x.yaml").exists()
+
+
+def test_an_exported_measured_member_carries_its_measured_latency_and_the_prediction(runs, tmp_path):
+    row = dict(runs.iloc[0])
+    row["latency_ms_measured"] = 1.25 * row["latency_ms"]
+    spec = ArchSpec.from_yaml(export_arch(row, "demo", tmp_path / "measured.yaml"))
+    assert spec.metrics["latency_ms"] == pytest.approx(row["latency_ms_measured"])
+    assert spec.metrics["latency_ms_measured"] == pytest.approx(row["latency_ms_measured"])
+    assert spec.metrics["latency_ms_predicted"] == pytest.approx(row["latency_ms"])

@@ -45,7 +45,7 @@ def test_stripped_locks_are_real_locks_after_restore():
         copy = pickle.loads(cloudpickle.dumps(study))
     internals.restore_sampler_locks(copy.sampler)
     locks = [v for k, v in vars(copy.sampler).items() if "lock" in k]
-    assert all(isinstance(v, internals._LOCK_TYPES) for v in locks)
+    assert locks and all(isinstance(v, (*internals._LOCK_TYPES, internals._PicklableLock)) for v in locks)
     assert not hasattr(copy.sampler, internals._LOCKS_ATTR)
     assert isinstance(threading.Lock(), internals._LOCK_TYPES)
 

@@ -22,6 +22,7 @@ from hybridnas.runners.pareto import (
     non_dominated,
     pareto_ranks,
     reference_point,
+    show_measured_latency,
     write_fronts,
 )
 
@@ -230,15 +231,22 @@ def test_feasible_table_flags_the_front_and_drops_failed_and_incomplete_trials()
     assert len(table.splitlines()) == 1 + int(mask.sum())
 
 
-def test_write_fronts_writes_csv_png_and_offline_html_per_pair(tmp_path):
+def test_write_fronts_writes_csv_markdown_png_per_pair_and_one_page_with_plotly_once(tmp_path):
     df = _trials()
+    df["latency_ms_measured"] = np.nan
+    df.loc[0, "latency_ms_measured"] = 123.456  # measured latency appears in the plots where it exists
     objs = [("val_acc", "max"), ("macs", "min"), ("latency_ms", "min")]
     paths = write_fronts(df, objs, tmp_path / "out", title="demo")
     names = [p.name for p in paths]
     assert names[0] == "pareto.csv"
     for a, b in [("val_acc", "macs"), ("val_acc", "latency_ms"), ("macs", "latency_ms")]:
-        assert f"pareto_{a}_vs_{b}.png" in names and f"pareto_{a}_vs_{b}.html" in names
-    assert len(paths) == 7 and all(p.exists() for p in paths)
+        assert f"pareto_{a}_vs_{b}.png" in names
+    assert (
+        "front.md" in names
+        and "fronts.html" in names
+        and not [n for n in names if n.startswith("pareto_") and n.endswith(".html")]
+    )
+    assert len(paths) == 6 and all(p.exists() for p in paths)
     assert not list((tmp_path / "out").glob(".*tmp"))  # no temporary files left behind
 
     csv = pd.read_csv(paths[0])
@@ -248,6 +256,13 @@ def test_write_fronts_writes_csv_png_and_offline_html_per_pair(tmp_path):
     assert dict(zip(csv["trial"].astype(str), csv["pareto"])) == dict(
         zip(expected["trial"], expected["pareto"])
     )
+    front = expected[expected["pareto"]]
+
+    md = (tmp_path / "out" / "front.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| trial ")]
+    assert len(rows) == len(front)  # one table row per front member, pipes in the summary escaped
+    assert all(line.count(" | ") == md.splitlines()[2].count(" | ") for line in rows)
+    assert "conv x2 c32 \\| acmix x1 c64 +ca" in md
 
     for p in paths:
         if p.suffix == ".png":
@@ -255,21 +270,87 @@ def test_write_fronts_writes_csv_png_and_offline_html_per_pair(tmp_path):
             assert img.shape[0] > 100 and img.shape[1] > 100
             # Not blank: many distinct colours (grey trials, blue front, text).
             assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20 and img.std() > 5
-        if p.suffix == ".html":
-            html = p.read_text().replace("\\u003c", "<").replace("\\u003e", ">")  # JSON-escaped tags
-            assert 'src="https://cdn' not in html and len(html) > 1_000_000  # plotly.js is embedded
-            front = expected[expected["pareto"]]
-            for r in front.itertuples():
-                assert f"trial {r.trial}<br>" in html
-                assert json.dumps(float(r.val_acc)) in html or "val_acc" not in p.name  # the data itself
-            assert "conv x2 c32 | acmix x1 c64 +ca" in html
+    html = (tmp_path / "out" / "fronts.html").read_text().replace("\\u003c", "<").replace("\\u003e", ">")
+    assert 'src="https://cdn' not in html and len(html) > 1_000_000  # plotly.js is embedded ...
+    assert html.count("Plotly.newPlot(") == 3 and html.count("plotly.js v") == 1  # ... once, for 3 plots
+    assert len(html) < 6_000_000
+    for r in front.itertuples():
+        assert f"trial {r.trial}<br>" in html
+        assert json.dumps(float(r.val_acc)) in html  # the data itself
+    assert "conv x2 c32 | acmix x1 c64 +ca" in html
+    assert "predicted latency (front, latency measured end to end)" in html and "123.456" in html
 
 
-def test_write_fronts_of_a_single_objective_writes_only_the_csv(tmp_path):
+def test_write_fronts_of_a_single_objective_writes_no_plots(tmp_path):
     paths = write_fronts(_trials(), [("val_acc", "max")], tmp_path)
-    assert [p.name for p in paths] == ["pareto.csv"]
+    assert [p.name for p in paths] == ["pareto.csv", "front.md"]
     csv = pd.read_csv(paths[0])
     assert csv.loc[csv["pareto"], "val_acc"].tolist() == [csv["val_acc"].max()]
+
+
+def _plotly_traces(html: str, figure: int = 0) -> list[dict]:
+    """The traces of the page's ``figure``-th plot, as the page hands them to Plotly.newPlot."""
+    start = -1
+    for _ in range(figure + 1):
+        start = html.index("Plotly.newPlot(", start + 1)
+    start = html.index("[", html.index(",", start))
+    traces, _ = json.JSONDecoder().raw_decode(html[start:])
+    return traces
+
+
+def _measured_trials():
+    """Trials whose front was measured end to end after the search: 30 % slower than predicted."""
+    df = _trials()
+    objs = [("val_acc", "max"), ("macs", "min"), ("latency_ms", "min")]
+    front = feasible_table(df, objs)
+    on_front = set(front.loc[front["pareto"], "trial"])
+    df["latency_ms_measured"] = [
+        round(1.3 * lat, 4) if t in on_front else math.nan for t, lat in zip(df["trial"], df["latency_ms"])
+    ]
+    return df, objs, on_front
+
+
+def test_csv_and_front_table_show_the_measured_latency_with_the_prediction_beside_it(tmp_path):
+    df, objs, on_front = _measured_trials()
+    [csv_path] = write_fronts(df, objs, tmp_path, plots=False)
+    csv = pd.read_csv(csv_path, dtype={"trial": str})
+    assert set(csv.loc[csv["pareto"], "trial"]) == on_front  # the front is the one the search chose
+    predicted = dict(zip(df["trial"], df["latency_ms"]))
+    for r in csv.itertuples():
+        assert r.latency_ms_predicted == pytest.approx(predicted[r.trial])
+        shown = 1.3 * predicted[r.trial] if r.trial in on_front else predicted[r.trial]
+        assert r.latency_ms == pytest.approx(shown, rel=1e-3)
+    assert list(csv.columns).index("latency_ms_predicted") == list(csv.columns).index("latency_ms") + 1
+    lines = front_table(df, objs).splitlines()
+    header = lines[0].split()
+    assert header[:4] == ["trial", "val_acc", "macs", "latency_ms"] and "latency_ms_predicted" in header
+    for line in lines[1:]:
+        cells = dict(zip(header, line.split()))
+        assert float(cells["latency_ms"]) == pytest.approx(
+            1.3 * float(cells["latency_ms_predicted"]), abs=2e-3
+        )
+
+
+def test_plots_put_measured_trials_at_their_measurement_and_draw_the_prediction_beside(tmp_path):
+    df, objs, on_front = _measured_trials()
+    write_fronts(df, objs, tmp_path)
+    traces = _plotly_traces((tmp_path / "fronts.html").read_text(), figure=1)  # val_acc vs latency_ms
+    everyone, predicted = traces[0], next(t for t in traces if t["name"].startswith("predicted latency"))
+    shown = show_measured_latency(feasible_table(df, objs))
+    assert everyone["x"] == pytest.approx(shown["latency_ms"].tolist())
+    front_rows = shown[shown["trial"].isin(on_front)]
+    assert sorted(predicted["x"]) == pytest.approx(sorted(front_rows["latency_ms_predicted"]))
+    assert sorted(predicted["y"]) == pytest.approx(sorted(front_rows["val_acc"]))
+    # Without measurements nothing moves and no prediction marks are drawn.
+    write_fronts(_trials(), objs, tmp_path / "plain")
+    plain = _plotly_traces((tmp_path / "plain" / "fronts.html").read_text(), figure=1)
+    assert not any(t["name"].startswith("predicted latency") for t in plain)
+
+
+def test_showing_the_measured_latency_twice_changes_nothing():
+    df, objs, _ = _measured_trials()
+    once = show_measured_latency(feasible_table(df, objs))
+    pd.testing.assert_frame_equal(show_measured_latency(once), once)
 
 
 @pytest.mark.parametrize("modes", MODE_SETS, ids=lambda m: "-".join(m))

@@ -8,7 +8,9 @@ simulated two-node cluster. Everything is read back through `MlflowClient`, the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -17,11 +19,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from hybridnas.runners import cli
+from hybridnas.runners.cli import front_text
 from hybridnas.runners.pareto import non_dominated
 from hybridnas.runners.search import SearchError, run_search
 from hybridnas.runners.store import child_runs
@@ -74,7 +78,7 @@ def _status(run) -> str:
 @pytest.fixture(scope="module")
 def grid_search(ray_local, tmp_path_factory):
     """A grid search over every architecture of a small space, some of them over the MACs budget."""
-    from hybridnas.runners.measure import profile_spec
+    from hybridnas.runners.macs import profile_spec
 
     tmp = tmp_path_factory.mktemp("grid")
     space = {
@@ -103,11 +107,12 @@ def test_grid_search_runs_every_architecture_once_and_skips_infeasible_ones(grid
     infeasible = [c for c in children if _status(c) == "infeasible"]
     ok = [c for c in children if _status(c) == "ok"]
     assert infeasible and ok and len(infeasible) + len(ok) == n
-    for c in infeasible:  # never trained: no accuracy, no training time, the excess recorded
+    for c in infeasible:  # never trained: no training metrics at all, the excess recorded
         assert c.data.metrics["macs"] > budget
-        assert "val_acc" not in c.data.metrics and c.data.metrics["train_time_s"] == 0.0
+        assert not {"val_acc", "train_loss", "train_time_s", "imgs_per_s"} & set(c.data.metrics)
         assert "macs" in c.data.tags["hybridnas.violations"]
-        assert c.info.status == "FINISHED"
+        assert c.info.status == "KILLED" and c.info.run_name.endswith(" [infeasible]")
+        assert not c.inputs.dataset_inputs  # it never saw the data
     for c in ok:
         assert c.data.metrics["macs"] <= budget
     # Every trial found its process with the imports done (Ray's preloaded workers), and the two
@@ -206,7 +211,7 @@ def test_parent_and_child_runs_nest_with_params_metrics_and_artifacts(grid_searc
     assert parent.data.params["sampler"] == "grid" and parent.data.params["seed"] == "0"
     arts = {a.path for a in client.list_artifacts(res.parent_run_id)}
     assert {"experiment.yaml", "resolved_config.json", "pareto.csv", "exported"} <= arts
-    assert {"pareto_val_acc_vs_macs.png", "pareto_val_acc_vs_macs.html"} <= arts
+    assert {"pareto_val_acc_vs_macs.png", "front.md", "fronts.html"} <= arts
 
     epochs = exp.train.epochs
     for c in _children(client, exp.tracking.experiment, res.parent_run_id):
@@ -227,6 +232,77 @@ def test_parent_and_child_runs_nest_with_params_metrics_and_artifacts(grid_searc
             assert c.data.metrics["train_time_s"] > 0 and c.data.metrics["imgs_per_s"] > 0
 
 
+def test_child_runs_read_at_a_glance_names_tags_step0_metrics_statuses_and_data(grid_search):
+    exp, res, client, _ = grid_search
+    parent = client.get_run(res.parent_run_id)
+    children = _children(client, exp.tracking.experiment, res.parent_run_id)
+    names = [c.info.run_name for c in children]
+    assert len(set(names)) == len(names)  # unique within the search
+    for c in children:
+        name, tags = c.info.run_name, c.data.tags
+        number = int(tags["hybridnas.trial"])
+        # Starts with the trial number, then what the space varies (stage 1's mixer and channels).
+        assert name.startswith(f"t{number:02d} s1:{c.data.params['stages.1.mixer']}")
+        assert f"c{c.data.params['stages.1.channels']}" in name and name.isascii()
+        assert name.endswith(" [front]") == (tags.get("pareto") == "true")
+        assert name.endswith(" [infeasible]") == (_status(c) == "infeasible")
+        assert (
+            tags["hybridnas.arch"].count("|") == 3 and "stem c8" in tags["hybridnas.arch"]
+        )  # stem, 2 stages, norm
+        for k in ("hybridnas.search_id", "hybridnas.version", "mlflow.source.name"):
+            assert tags[k] == parent.data.tags[k]
+        # Architecture and training metrics: one point at step 0; curves: step = epoch.
+        for k in ("macs", "flops", "params", "latency_ms") + (
+            ("train_time_s", "imgs_per_s") if _status(c) == "ok" else ()
+        ):
+            assert [m.step for m in client.get_metric_history(c.info.run_id, k)] == [0], k
+        status = {"ok": "FINISHED", "infeasible": "KILLED"}[_status(c)]
+        assert c.info.status == status
+        if _status(c) == "ok":  # the data it trained on, as MLflow dataset inputs
+            inputs = {i.tags[0].value: i.dataset for i in c.inputs.dataset_inputs}
+            assert set(inputs) == {"training", "validation"}
+            rows = {k: json.loads(d.profile)["num_rows"] for k, d in inputs.items()}
+            assert rows == {"training": 204, "validation": 52} and inputs["training"].name == "synthetic"
+            assert len({d.digest for d in inputs.values()}) == 2 and len(inputs["training"].digest) == 10
+    digests = {i.dataset.digest for c in children for i in c.inputs.dataset_inputs}
+    assert digests == {i.dataset.digest for i in parent.inputs.dataset_inputs}  # the same data everywhere
+
+
+def test_parent_summarises_counts_front_hypervolume_and_links_to_the_runs_view(grid_search):
+    exp, res, client, budget = grid_search
+    parent = client.get_run(res.parent_run_id)
+    m = parent.data.metrics
+    assert (m["n_ok"], m["n_failed"], m["n_infeasible"]) == (res.counts["ok"], 0, res.counts["infeasible"])
+    assert m["n_done"] == sum(res.counts.values()) and m["front_size"] == len(res.front)
+    ok = [c for c in _children(client, exp.tracking.experiment, res.parent_run_id) if _status(c) == "ok"]
+    assert m["best_val_acc"] == max(c.data.metrics["val_acc"] for c in ok)
+    assert m["best_macs"] == min(c.data.metrics["macs"] for c in ok)
+    # The reference box: val_acc from 0 to 1, macs from the budget to 0.
+    assert 0 < m["hypervolume_norm"] <= 1 and m["hypervolume_norm"] == pytest.approx(
+        m["hypervolume"] / budget
+    )
+    local = client.download_artifacts(res.parent_run_id, "front.md")
+    table = [line for line in Path(local).read_text().splitlines() if line.startswith("| [t")]
+    assert len(table) == len(res.front)
+    for c in ok:  # a row per front member, named and linked like the runs table
+        on_front = c.data.tags["pareto"] == "true"
+        assert (
+            f"[{c.info.run_name}](#/experiments/{res.experiment_id}/runs/{c.info.run_id})" in "".join(table)
+        ) == on_front
+    note = parent.data.tags["mlflow.note.content"]
+    assert (
+        note.startswith(f"hybridnas search `{exp.path}`")
+        and "of its reference box" in note
+        and table[0] in note
+    )
+    assert parent.data.tags["mlflow.source.name"] == str(Path(exp.path).resolve())
+    assert parent.data.tags["hybridnas.search_id"].startswith("grid-")
+    assert client.get_experiment(res.experiment_id).tags["mlflow.note.content"].startswith("Searches of")
+    exp_id = client.get_experiment_by_name(exp.tracking.experiment).experiment_id
+    assert res.runs_url == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    assert res.parent_url == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{res.parent_run_id}"
+
+
 def test_pareto_tags_and_measured_latency_mark_exactly_the_front(grid_search):
     exp, res, client, _ = grid_search
     ok = [c for c in _children(client, exp.tracking.experiment, res.parent_run_id) if _status(c) == "ok"]
@@ -237,11 +313,23 @@ def test_pareto_tags_and_measured_latency_mark_exactly_the_front(grid_search):
         assert ("latency_ms_measured" in c.data.metrics) == bool(on_front)
     assert len(res.exported) == int(front.sum()) == len(res.front)
     for path in res.exported:  # the exported YAML rebuilds the logged model
-        from hybridnas.runners.measure import profile_spec
+        from hybridnas.runners.macs import profile_spec
 
         spec = ArchSpec.from_yaml(path)
         assert profile_spec(spec)["macs"] == spec.metrics["macs"]
         assert profile_spec(spec)["params"] == spec.metrics["params"]
+        # What the user sees is the measured latency, with the prediction beside it.
+        assert spec.metrics["latency_ms"] == spec.metrics["latency_ms_measured"]
+        assert spec.metrics["latency_ms_predicted"] > 0
+    assert (res.front["latency_ms"] == res.front["latency_ms_measured"]).all()
+    header, *rows = front_text(res.front, res.objectives).splitlines()
+    names = header.split()
+    assert names[:5] == ["trial", "val_acc", "macs", "params", "latency_ms"] and names[5] == "predicted_ms"
+    shown = {r.split()[0]: r.split()[4] for r in rows}
+    assert shown == {str(r["trial"]): f"{r['latency_ms_measured']:.3f}" for r in res.front.to_dict("records")}
+    csv = pd.read_csv(Path(exp.out_dir) / "pareto" / "pareto.csv", dtype={"trial": str})
+    on = csv[csv["pareto"]]
+    assert (on["latency_ms"] - on["latency_ms_measured"]).abs().max() < 1e-9
     # Logged after each finished trial from the first feasible one on, against a fixed reference.
     hv = sorted(client.get_metric_history(res.parent_run_id, "hypervolume"), key=lambda m: m.step)
     steps, values = [m.step for m in hv], [m.value for m in hv]
@@ -297,6 +385,27 @@ def test_trials_that_raise_or_diverge_are_failed_and_the_search_goes_on(ray_loca
     crashed = by_trial["3"]
     assert crashed.info.status == "FAILED" and "died" in crashed.data.tags["hybridnas.error"].lower()
     assert all(_status(by_trial[t]) == "ok" for t in by_trial if t not in ("1", "2", "3"))
+
+
+def test_a_search_in_which_every_trial_failed_exits_1_naming_the_most_common_error(
+    ray_local, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("HYBRIDNAS_FAULTS", "0:raise,1:raise")
+    exp = _experiment(tmp_path, "allfail", {"sampler": "random", "trials": 2, "concurrency": 2, "seed": 2})
+    assert cli.main(["search", exp.path]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "hybridnas: error: no trial trained: 2 of 2 failed; the most common error (2 of 2): "
+        "RuntimeError: fault injected by HYBRIDNAS_FAULTS into trial"
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.search_runs(
+        [client.get_experiment_by_name("allfail").experiment_id], "tags.`hybridnas.kind` = 'search'"
+    )[0]
+    assert parent.info.status == "FAILED" and parent.data.tags["hybridnas.error"].startswith(
+        "no trial trained"
+    )
+    assert not (Path(exp.out_dir) / "exported").exists()  # no front, nothing exported
 
 
 def test_unreachable_tracking_server_fails_fast_with_exit_2(tmp_path, capsys):
@@ -383,10 +492,31 @@ def mlflow_server(tmp_path):
         log.close()
 
 
-def test_search_logs_to_a_real_mlflow_server(ray_local, tmp_path, mlflow_server):
+def test_search_logs_to_a_real_mlflow_server(ray_local, tmp_path, mlflow_server, capsys):
+    import re
+
     exp = _experiment(tmp_path, "served", {"sampler": "random", "trials": 3, "concurrency": 2, "seed": 2})
     res = run_search(exp, tracking_uri=mlflow_server, progress=False)
     assert res.tracking_uri == mlflow_server and res.ui_command.startswith("open http://127.0.0.1")
+    # The printed URLs open this server's UI on this experiment's runs and on the search run.
+    capsys.readouterr()  # what MLflow's client printed itself ("View run ... at: ...")
+    cli._browse(res, "search run")
+    printed = re.findall(r"(http://\S+)", capsys.readouterr().out)
+    assert printed[-2:] == [res.runs_url, res.parent_url]  # after the `open <server>` line
+    base, route = res.runs_url.split("/#", 1)
+    assert base == mlflow_server and route.endswith("/runs?workflowType=machine_learning")
+    with urllib.request.urlopen(
+        base + "/", timeout=30
+    ) as page:  # the UI's single page (its router reads the #)
+        assert page.status == 200 and "<title>MLflow</title>" in page.read().decode()
+    exp_id = re.fullmatch(r"/experiments/(\w+)/runs\?workflowType=machine_learning", route).group(1)
+    api = f"{base}/api/2.0/mlflow"
+    with urllib.request.urlopen(f"{api}/experiments/get?experiment_id={exp_id}", timeout=30) as r:
+        assert json.load(r)["experiment"]["name"] == "served"
+    run_id = res.parent_url.rsplit("/", 1)[1]
+    with urllib.request.urlopen(f"{api}/runs/get?run_id={run_id}", timeout=30) as r:
+        info = json.load(r)["run"]["info"]
+    assert info["experiment_id"] == exp_id and info["run_id"] == res.parent_run_id
     client = MlflowClient(mlflow_server)
     children = _children(client, "served", res.parent_run_id)
     assert len(children) == 3 and all(_status(c) == "ok" for c in children)
@@ -423,6 +553,31 @@ def test_resume_after_a_killed_driver_keeps_finished_trials_and_the_count(ray_lo
     assert state["parent_run_id"] == res.parent_run_id and state["finished"] is True
 
 
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "nsga3", "random"])
+def test_every_sampler_pickles_as_the_tuner_needs_and_samples_on_after_unpickling(name):
+    # Ray Tune pickles the searcher with its sampler when the Tuner is built; Optuna 5.1's NSGA-II/III
+    # samplers hold a threading.Lock, which failed every nsga2/nsga3 search (the quickstart's too).
+    import optuna
+
+    from hybridnas.runners.search import make_sampler
+
+    sampler = pickle.loads(pickle.dumps(make_sampler(name, seed=0, trials=12)))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=10)
+    assert len(study.trials) == 10  # population 4: two generations bred after the random one
+    pickle.dumps(sampler)  # and it still pickles with its generation cache filled
+
+
+def test_a_local_search_starts_its_own_ray_even_when_another_cluster_is_advertised():
+    # Another process's cluster (ray.cluster_utils, `ray start`) is advertised in RAY_ADDRESS or
+    # /tmp/ray/ray_current_cluster; a plain ray.init() joined it and then refused num_cpus.
+    code = "import ray; from hybridnas.runners.search import init_ray; assert init_ray(); print(ray.cluster_resources()['CPU'])"
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) == os.cpu_count()
+
+
 def test_resume_without_state_is_refused(tmp_path):
     exp = _experiment(tmp_path, "nothing", {"sampler": "random", "trials": 2})
     with pytest.raises(SearchError, match="nothing to resume"):
@@ -437,6 +592,7 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     import re
 
     from hybridnas.runners.bench import search as bench
+    from hybridnas.runners.machine import machine_line
 
     monkeypatch.chdir(tmp_path)
     search = {"sampler": "random", "trials": 3, "concurrency": 2, "seed": 0}
@@ -444,6 +600,7 @@ def test_bench_search_splits_wall_time_into_training_and_overhead(ray_local, tmp
     _experiment(tmp_path, "bench", search)  # writes bench.yaml
     assert bench.main(argparse.Namespace(experiment=str(path), trials=3, epochs=1, quick=False)) == 0
     out = capsys.readouterr().out
+    assert out.splitlines()[0] == machine_line()  # which machine, before anything is measured
     wall = float(re.search(r"^  wall\s+([\d.]+)$", out, re.M).group(1))
     train = float(re.search(r"training time ([\d.]+) s in all", out).group(1))
     overhead = float(re.search(r"/ wall = ([\d.]+)%", out).group(1))

@@ -1,21 +1,30 @@
-"""Fuzz the loaders: every mutated spec either builds a working model or raises SpecError, nothing else.
+"""Fuzz the loaders: every mutated file either loads or raises the project's own error, nothing else.
 
-Mutations of valid architecture dicts (random types, keys and values anywhere in the tree), of their YAML
-text (inserted and deleted characters), and of experiment dicts. No TypeError, KeyError, RuntimeError, ...
+Mutations of valid architecture, experiment and ablation dicts (random types, keys and values anywhere in
+the tree), of their YAML text (inserted and deleted characters) and of the bytes of their files (binary
+junk). An architecture that loads builds a working model; an experiment or ablation that loads has a
+meaningful recipe (finite numbers, probabilities in [0, 1), seeds >= 0, ...). No TypeError, KeyError,
+UnicodeDecodeError, RuntimeError, ...
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hybridnas.blocks import MIXERS
-from hybridnas.search_space import ArchSpec, Experiment, SpecError, build_model
+from hybridnas.search_space import ArchSpec, Experiment, SpecError, UserError, build_model
+from hybridnas.search_space.ablation import AblationStudy
+from hybridnas.search_space.config import MAX_EPOCHS, MAX_SEED, DataConfig, TrainConfig
 
 SETTINGS = settings(
     max_examples=150,
@@ -120,14 +129,14 @@ def containers(node: Any) -> list[Any]:
     return out
 
 
-def mutate(data: st.DataObject, d: dict) -> dict:
+def mutate(data: st.DataObject, d: dict, keys: list[str] = KEYS) -> dict:
     d = copy.deepcopy(d)
     for _ in range(data.draw(st.integers(1, 3), label="mutations")):
         target = data.draw(st.sampled_from(containers(d)), label="where")
         op = data.draw(st.sampled_from(["set", "delete", "add"]), label="op")
         if isinstance(target, dict):
             if op == "add" or not target:
-                target[data.draw(st.sampled_from(KEYS) | st.text(max_size=4), label="key")] = data.draw(
+                target[data.draw(st.sampled_from(keys) | st.text(max_size=4), label="key")] = data.draw(
                     values
                 )
             else:
@@ -249,15 +258,165 @@ EXPERIMENT = {
 }
 
 
-@settings(SETTINGS, max_examples=100)
-@given(data=st.data())
-def test_mutated_experiment_dicts_load_or_raise_spec_error(data):
-    d = mutate(data, EXPERIMENT)
+# The keys of the experiment and ablation files and of their train:/data: sections, so that "add" mutations
+# hit real settings with random values.
+FILE_KEYS = [
+    "name", "data", "train", "space", "objectives", "constraints", "search", "resources", "latency", "tracking",
+    "out_dir", "base", "vary", "mode", "seeds", "concurrency", "confidence", "dataset", "root", "val_fraction",
+    "seed", "download", "size", "channels", "classes", "samples", "epochs", "batch_size", "optimizer", "lr",
+    "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "augment", "crop_padding", "device",
+    "threads", "precision", "max_train_batches", "trials", "sampler", "cpu", "gpu", "max", "min", "uri",
+    "stages.1.mixer", "train.lr", "train.label_smoothing", "bogus",
+]  # fmt: skip
+CONFIG_VALUES = st.one_of(
+    values,
+    st.sampled_from(
+        [-1, 0, 1, 2.0, 0.5, 0.999, 10**12, -(10**12), 2**32, "nan", ".nan", "1e-3", "synthetic"]
+    ),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+
+
+def set_recipe_value(data: st.DataObject, d: dict) -> None:
+    """Set one train: or data: setting (a real key) to a random value: the values every trial depends on."""
+    section, cls = data.draw(st.sampled_from([("train", TrainConfig), ("data", DataConfig)]), label="section")
+    key = data.draw(st.sampled_from(list(cls.__dataclass_fields__)), label=f"{section} key")
+    old = d.get(section) if isinstance(d.get(section), dict) else {}
+    d[section] = {**old, key: data.draw(CONFIG_VALUES, label="value")}
+
+
+def mutated_recipe(data: st.DataObject, base: dict) -> dict:
+    """``base`` mutated anywhere (half the time) and with one train:/data: value set at random."""
+    d = mutate(data, base, FILE_KEYS) if data.draw(st.booleans(), label="mutate") else copy.deepcopy(base)
+    set_recipe_value(data, d)
+    return d
+
+
+def assert_meaningful_recipe(train: TrainConfig, data: DataConfig) -> None:
+    """What a loaded train:/data: pair promises the trainer: every number finite and inside its range."""
+    floats = (train.lr, train.weight_decay, train.momentum, train.warmup_epochs, train.label_smoothing)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in floats + (data.val_fraction,)), (
+        train,
+        data,
+    )
+    assert 0 < train.lr and train.weight_decay >= 0 and 0 < train.momentum < 1 and train.warmup_epochs >= 0
+    assert 0 <= train.label_smoothing < 1 and 0 < data.val_fraction < 1
+    assert 1 <= train.epochs <= MAX_EPOCHS and train.batch_size >= 1
+    assert 0 <= train.seed <= MAX_SEED and 0 <= data.seed <= MAX_SEED
+    assert train.threads >= 0 and train.crop_padding >= 0 and train.max_train_batches >= 0
+    for n in (data.size, data.channels, data.classes, data.samples):
+        assert n is None or (isinstance(n, int) and n >= 1)
+
+
+def loads_or_raises_own_error(load) -> Any:
+    """``load()``'s result, or None when it raised the project's own error (anything else fails the test)."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            exp = Experiment.from_dict(d)
-    except SpecError:
+            warnings.simplefilter("ignore")  # one seed, a grid with few architectures: warnings are allowed
+            return load()
+    except UserError as e:
+        assert "\n" not in str(e), f"a user error is one line: {e!s}"
+        return None
+
+
+def check_experiment(e: Experiment | None) -> None:
+    if e is None:
         return
-    assert exp.space.size() >= 1
-    exp.to_resolved_dict()
+    assert_meaningful_recipe(e.train, e.data)
+    assert math.isfinite(e.resources.cpu) and e.resources.cpu > 0 and e.resources.gpu >= 0
+    assert e.search.trials >= 1 and 0 <= e.search.seed <= MAX_SEED and e.search.concurrency >= 1
+    assert e.space.size() >= 1
+    e.to_resolved_dict()
+
+
+def check_ablation(a: AblationStudy | None) -> None:
+    if a is None:
+        return
+    assert_meaningful_recipe(a.train, a.data)
+    for v in a.variants:
+        assert_meaningful_recipe(v.train, a.data)
+    assert a.seeds and all(0 <= s <= MAX_SEED for s in a.seeds) and len(set(a.seeds)) == len(a.seeds)
+    assert len(a.variants) >= 2 and a.variants[0].is_base and a.concurrency >= 1
+
+
+def edit_text(text: str, edits: list[tuple[int, str]]) -> str:
+    for pos, insert in edits:  # delete one character at pos and insert some text there
+        pos %= max(1, len(text))
+        text = text[:pos] + insert + text[pos + 1 :]
+    return text
+
+
+def edit_bytes(raw: bytes, edits: list[tuple[int, bytes]]) -> bytes:
+    for pos, insert in edits:
+        pos %= max(1, len(raw))
+        raw = raw[:pos] + insert + raw[pos + 1 :]
+    return raw
+
+
+TEXT_EDITS = st.lists(st.tuples(st.integers(0, 10_000), st.text(max_size=3)), max_size=3)
+BYTE_EDITS = st.lists(
+    st.tuples(st.integers(0, 10_000), st.binary(min_size=1, max_size=4)), min_size=1, max_size=3
+)
+
+
+@settings(SETTINGS, max_examples=100)
+@given(data=st.data())
+def test_mutated_experiment_dicts_load_with_a_meaningful_recipe_or_raise_spec_error(data):
+    d = mutated_recipe(data, EXPERIMENT)
+    check_experiment(loads_or_raises_own_error(lambda: Experiment.from_dict(d)))
+
+
+@settings(SETTINGS, max_examples=60)
+@given(edits=TEXT_EDITS, byte_edits=st.none() | BYTE_EDITS)
+def test_mutated_experiment_files_load_or_raise_a_user_error(edits, byte_edits):
+    raw = edit_text(yaml.safe_dump(EXPERIMENT, sort_keys=False), edits).encode()
+    if byte_edits:
+        raw = edit_bytes(raw, byte_edits)
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "fuzz.yaml"
+        f.write_bytes(raw)
+        check_experiment(loads_or_raises_own_error(lambda: Experiment.from_yaml(f)))
+
+
+ABLATION = {
+    "name": "fuzz",
+    "base": BASES[0],
+    "data": {"dataset": "synthetic", "size": 12, "channels": 1, "classes": 10, "samples": 200},
+    "train": {"epochs": 1, "batch_size": 32, "lr": 0.002},
+    "vary": {"stages.1.mixer": ["conv", "window"], "train.lr": [0.001, 0.004]},
+    "mode": "one_at_a_time",
+    "seeds": [0, 1],
+    "concurrency": 2,
+    "confidence": 0.95,
+}
+
+
+@settings(SETTINGS, max_examples=100)
+@given(data=st.data())
+def test_mutated_ablation_dicts_load_with_a_meaningful_recipe_or_raise_spec_error(data):
+    d = mutated_recipe(data, ABLATION)
+    if data.draw(st.booleans(), label="a train factor"):
+        key = data.draw(st.sampled_from(list(TrainConfig.__dataclass_fields__)), label="factor")
+        if isinstance(d.get("vary"), dict):
+            d["vary"][f"train.{key}"] = data.draw(
+                st.lists(CONFIG_VALUES, min_size=1, max_size=3), label="levels"
+            )
+    check_ablation(
+        loads_or_raises_own_error(lambda: AblationStudy.from_dict(d, base_dir=Path("/nonexistent")))
+    )
+
+
+@settings(SETTINGS, max_examples=60)
+@given(edits=TEXT_EDITS, byte_edits=st.none() | BYTE_EDITS, inline=st.booleans())
+def test_mutated_ablation_files_load_or_raise_a_user_error(edits, byte_edits, inline):
+    with tempfile.TemporaryDirectory() as tmp:
+        d = dict(ABLATION)
+        if not inline:  # the base as a file next to the ablation file
+            (Path(tmp) / "base.yaml").write_text(ArchSpec.from_dict(BASES[0], warn=False).to_yaml())
+            d["base"] = "base.yaml"
+        raw = edit_text(yaml.safe_dump(d, sort_keys=False), edits).encode()
+        if byte_edits:
+            raw = edit_bytes(raw, byte_edits)
+        f = Path(tmp) / "fuzz_ablation.yaml"
+        f.write_bytes(raw)
+        check_ablation(loads_or_raises_own_error(lambda: AblationStudy.from_yaml(f)))

@@ -21,7 +21,7 @@ for the cores (with one thread every kernel runs on the calling thread); ratios 
 there, wall time on GPUs. Peak memory is the highest total of bytes allocated by forward + backward
 above what existed before (inputs and weights excluded): on the CPU from the allocation events of
 ``torch.profiler`` (``profile_memory=True``, a separate untimed run), on CUDA from
-``torch.cuda.max_memory_allocated``. MACs are per image, from ``runners.measure.profile``.
+``torch.cuda.max_memory_allocated``. MACs are per image, from ``runners.macs.profile``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..machine import load_average, machine_line
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def unfold_local_attention(
     v: torch.Tensor,
     kernel: int,
     *,
-    pos: torch.Tensor | None = None,
+    pe: torch.Tensor | None = None,
     rpb: torch.Tensor | None = None,
     mix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -84,8 +86,10 @@ def unfold_local_attention(
     q, k, v: (B, N, c, H, W). Keys and values of each pixel's k x k neighbourhood are gathered with
     ``F.unfold`` (zero padding) into (B, N, c, k^2, H, W) tensors; neighbours outside the image are
     masked. ``mix = (M, b)`` turns the columns into Slide's deformed keys ``sum_e M[:, d, e] k_e + b``
-    (an Im2Col depthwise conv); ``pos`` adds ``dy * pos_y + dx * pos_x`` (ACmix), ``rpb`` a bias per
-    head and offset (Slide).
+    (an Im2Col depthwise conv); ``pe`` adds ``q . (pe d)`` (ACmix), ``rpb`` a bias per head and
+    offset (Slide). Biases and position terms join keys or logits as additions, so its MACs (the
+    products it executes) are the papers' count, which ``runners.macs`` reports for the fast
+    kernel too.
     """
     B, N, c, H, W = q.shape
     r, D = kernel // 2, kernel * kernel
@@ -98,17 +102,18 @@ def unfold_local_attention(
         m, b = mix
         keys = torch.einsum("cde,bncehw->bncdhw", m, keys) + b[:, :, None, None]
         values = torch.einsum("cde,bncehw->bncdhw", m, values) + b[:, :, None, None]
-    logits = (q.unsqueeze(3) * keys).sum(2)  # (B, N, D, H, W)
-    offsets = torch.tensor(
-        [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)], device=q.device, dtype=q.dtype
-    )
-    if pos is not None:
-        logits = logits + torch.einsum("bnkhw,dk->bndhw", pos, offsets)
+    shifts = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    if pe is not None:  # as ACmix's code does: the position term joins the keys before the product
+        rel = torch.stack([pe[:, 0] * dy + pe[:, 1] * dx for dy, dx in shifts], 1)  # (c, D)
+        logits = (q.unsqueeze(3) * (keys + rel[:, :, None, None])).sum(2)  # (B, N, D, H, W)
+    else:
+        logits = (q.unsqueeze(3) * keys).sum(2)
     if rpb is not None:
         logits = logits + rpb[:, :, None, None]
     ys = torch.arange(H, device=q.device).view(1, H, 1)
     xs = torch.arange(W, device=q.device).view(1, 1, W)
-    dy, dx = offsets[:, 0].long().view(D, 1, 1), offsets[:, 1].long().view(D, 1, 1)
+    offsets = torch.tensor(shifts, device=q.device)
+    dy, dx = offsets[:, 0].view(D, 1, 1), offsets[:, 1].view(D, 1, 1)
     outside = (ys + dy < 0) | (ys + dy >= H) | (xs + dx < 0) | (xs + dx >= W)  # (D, H, W)
     attn = logits.masked_fill(outside, float("-inf")).softmax(2)
     return (attn.unsqueeze(2) * values).sum(3)
@@ -248,9 +253,9 @@ def matmul_gflops(n: int, device: torch.device, repeats: int = 5) -> float:
 
 
 def macs_per_image(module: nn.Module, width: int, size: int) -> int | None:
-    """Forward MACs of one image, by runners.measure (imported lazily; None if unavailable)."""
+    """Forward MACs of one image, by runners.macs (imported lazily; None if unavailable)."""
     try:
-        from hybridnas.runners.measure import profile
+        from hybridnas.runners.macs import profile
     except ImportError:
         return None
     return int(profile(module, (width, size, size))["macs"])
@@ -334,14 +339,10 @@ def run(s: Setting, names: list[str] | None = None, device: torch.device | None 
     names = list(blocks.MIXERS) if names is None else names
     matmul = matmul_gflops(s.matmul_n, device)
     lines = [
+        machine_line(),
         f"bench blocks: forward+backward, batch {s.batch}, width {s.width}, {s.heads} heads, fp32, {device}, "
         f"{torch.get_num_threads()} thread(s), median of {s.repeats} after {s.warmup} warm-up",
-        f"matmul rate: {matmul:.1f} GFLOP/s ({s.matmul_n}x{s.matmul_n} fp32); "
-        + (
-            f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
-            if hasattr(os, "getloadavg")
-            else ""
-        ),
+        f"matmul rate: {matmul:.1f} GFLOP/s ({s.matmul_n}x{s.matmul_n} fp32); {load_average()}",
         "speedup = unfold time / mixer time, mem = mixer peak / unfold peak (both from the cpu clock on the CPU);"
         " % matmul = 3 x forward MACs / time vs the matmul rate",
         "",

@@ -8,7 +8,7 @@ recording each epoch's val_acc and its measured time. Architectures over a const
 untrained: a search proposes them too, and pays nothing for them.
 
 The table is cached as JSON in the hybridnas cache folder (next to the latency table: see
-`runners.measure.default_table_path`) under a name that fingerprints everything it depends on
+`runners.latency_table.default_table_path`) under a name that fingerprints everything it depends on
 (space, data, recipe, size, seeds, the learning-rate schedule, code version), and it is written
 after every training, so an interrupted build continues where it stopped.
 """
@@ -104,7 +104,7 @@ class CurveTable:
 
 def cache_path(fingerprint: dict) -> Path:
     """``efficiency-<hash>.json`` next to the latency table in the hybridnas cache folder."""
-    from hybridnas.runners.measure import default_table_path
+    from hybridnas.runners.latency_table import default_table_path
 
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return default_table_path().parent / f"efficiency-{digest}.json"
@@ -321,10 +321,12 @@ def _sample(
 
 def search_measures(exp: Any) -> Callable[[Any], dict]:
     """MACs, flops, params and predicted latency exactly as a search computes them for its trials."""
-    from hybridnas.runners.search import calibrate_latency
+    from hybridnas.runners.calibration import calibrate_latency
+    from hybridnas.runners.latency import LatencyContext
     from hybridnas.runners.searcher import ArchSuggester
 
-    cal = calibrate_latency(exp.space, exp.input, exp.latency, seed=exp.search.seed)
+    context = LatencyContext.from_config(exp.latency)
+    cal = calibrate_latency(exp.space, exp.input, context, seed=exp.search.seed, name=exp.name)
     suggester = ArchSuggester(
         exp.space.to_dict(), exp.input.to_dict(), {}, dataclasses.asdict(exp.latency), cal["path"]
     )

@@ -407,7 +407,7 @@ def real_searches(exp: Any) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     from hybridnas.runners.bench import quickstart_path
     from hybridnas.runners.bench.curves import build
-    from hybridnas.runners.bench.latency import _load
+    from hybridnas.runners.machine import load_average, machine_line
     from hybridnas.runners.scheduler import rungs_for
     from hybridnas.search_space import Experiment
     from hybridnas.search_space.errors import SpecError
@@ -430,9 +430,10 @@ def main(args: argparse.Namespace) -> int:
     s = exp.search
     min_epochs, eta = (s.min_epochs, s.reduction_factor) if s.scheduler == "moasha" else (1, 3)
     rungs = rungs_for(min_epochs, exp.train.epochs, eta)
+    print(machine_line(), flush=True)
     print(
         f"bench efficiency: {exp.name}, {n} trained architectures x 2 seeds x {exp.train.epochs} epochs"
-        f"{' (quick: 1,000 images)' if quick else ''}; {_load()}"
+        f"{' (quick: 1,000 images)' if quick else ''}; {load_average()}"
     )
     t0 = time.perf_counter()
     # The curves are trained as a moasha search trains its trials: the learning rate restarts at the

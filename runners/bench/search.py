@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.bench import quickstart_path
+from hybridnas.runners.machine import machine_line
 
 CONCURRENCY = 2
 LONGER = 3  # the second default search: this many times the quickstart's trials
@@ -50,7 +51,9 @@ def _mark(ok: bool) -> str:
 
 def run_one(exp: Any, quick: bool) -> dict:
     """One timed search of ``exp`` (concurrency 2, temporary store); prints its split, returns it."""
-    from hybridnas.runners.search import calibrate_latency, run_search
+    from hybridnas.runners.calibration import calibrate_latency
+    from hybridnas.runners.latency import LatencyContext
+    from hybridnas.runners.search import run_search
     from hybridnas.runners.store import make_client
 
     # No repeats: their trainings run in a second Tuner whose trials `res.trials` does not list, so
@@ -63,7 +66,9 @@ def run_one(exp: Any, quick: bool) -> dict:
         t0 = time.perf_counter()
         make_client(uri).search_experiments()
         store_s = time.perf_counter() - t0
-        cal = calibrate_latency(exp.space, exp.input, exp.latency, seed=exp.search.seed)
+        cal = calibrate_latency(
+            exp.space, exp.input, LatencyContext.from_config(exp.latency), seed=exp.search.seed
+        )
         res = run_search(exp, tracking_uri=uri, out_dir=os.path.join(tmp, "out"), progress=False)
     rows = [t for t in res.trials if t.get("status")]
     train = sum(float(t.get("train_time_s") or 0.0) for t in rows)
@@ -157,6 +162,7 @@ def main(args: argparse.Namespace) -> int:
     exp = apply_overrides(exp, epochs=epochs)  # validates --epochs before anything runs
     for n in sizes:
         apply_overrides(exp, trials=n)
+    print(machine_line(), flush=True)
     results = []
     for i, n in enumerate(sizes):
         if i:

@@ -47,8 +47,10 @@ from hybridnas.search_space.config import DataConfig, TrainConfig
 from hybridnas.search_space.spec import ArchSpec
 
 from ..data import Dataset, load_dataset
-from ..measure import profile
-from ..train import fit_steps, lr_factor, resolve_device, resolve_precision, seed_everything
+from ..device import resolve_device, torch_threads
+from ..machine import machine_line
+from ..macs import profile
+from ..train import fit_steps, lr_factor, resolve_precision, seed_everything
 
 # experiments/arch_base.yaml (the ablations' base): 28x28 -> 14x14 -> 7x7, 16/32/64 channels.
 BENCH_ARCH = """
@@ -70,11 +72,12 @@ stages:
 
 
 def matmul_flops_per_s(
-    device: torch.device, seconds: float = 0.5, precision: str = "fp32"
+    device: torch.device, seconds: float = 0.5, precision: str = "fp32", n: int | None = None
 ) -> tuple[float, str]:
-    """Best-of-3 dense square matmul rate (FLOP/s) on ``device`` in the trainer's ``precision``."""
+    """Best-of-3 dense n x n matmul rate (FLOP/s) on ``device`` in the trainer's ``precision``
+    (n: 8192 on CUDA, 1024 on the CPU; one emulated bf16 product of 1024 takes seconds)."""
     cuda = device.type == "cuda"
-    n = 8192 if cuda else 1024
+    n = n or (8192 if cuda else 1024)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -192,10 +195,7 @@ def run(epochs: int = 2, quick: bool = False, device: str = "auto", threads: int
     One CPU thread by default: that is what a search trial with ``resources: {cpu: 1}`` gets.
     """
     dev = resolve_device(device)
-    before = torch.get_num_threads()
-    if dev.type == "cpu" and threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads if dev.type == "cpu" and threads else None):
         spec = ArchSpec.from_yaml(QUICK_ARCH if quick else BENCH_ARCH)
         data = load_dataset(DataConfig(dataset="mnist5k", samples=640 if quick else None))
         cfg = TrainConfig(epochs=1 if quick else epochs, batch_size=128, lr=3e-3, seed=0)
@@ -214,8 +214,6 @@ def run(epochs: int = 2, quick: bool = False, device: str = "auto", threads: int
         res = race(loops, cfg.batch_size, lockstep=dev.type == "cpu")
         peak, dtype = matmul_flops_per_s(dev, precision=precision)
         n_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
     textbook, trainer = res["textbook"], res["trainer"]
     achieved = 3 * fwd_flops * trainer["imgs_per_s"]
     cpu_ratio = (
@@ -247,7 +245,14 @@ def _rate(x: float | None, width: int) -> str:
     return f"{x:{width},.0f}" if x is not None else " " * (width - 1) + "-"
 
 
+def _gflops(flops_per_s: float) -> str:
+    """GFLOP/s to at least three significant digits: 1,148 or 37.4 or 1.37 (emulated bf16)."""
+    g = flops_per_s / 1e9
+    return f"{g:,.0f}" if g >= 100 else f"{g:.3g}"
+
+
 def main(args: argparse.Namespace) -> int:
+    print(machine_line(), flush=True)
     r = run(epochs=args.epochs, quick=args.quick)
     tb, tr, fp = r["textbook"], r["trainer"], r["trainer_fp32"]
     mode = "in lockstep, step by step" if r["lockstep"] else "one after the other"
@@ -277,6 +282,6 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"  trainer: 3 x {r['fwd_flops'] / 1e6:.1f} MFLOP/img x {tr['imgs_per_s']:,.0f} img/s = "
         f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['fraction_of_matmul']:.1f}% of this machine's "
-        f"{r['matmul_dtype']} matmul rate ({r['matmul_flops_per_s'] / 1e9:,.0f} GFLOP/s)"
+        f"{r['matmul_dtype']} matmul rate ({_gflops(r['matmul_flops_per_s'])} GFLOP/s)"
     )
     return 0
