@@ -88,7 +88,7 @@ def test_trials_stop_at_rung_boundaries_and_mlflow_records_status_epochs_and_run
         epochs = int(t.data.metrics["epochs_trained"])
         if t.data.tags["hybridnas.status"] == "stopped":
             assert int(t.data.tags["hybridnas.rung"]) == epochs and epochs in RUNGS
-            assert t.info.status == "FINISHED"
+            assert t.info.status == "KILLED"  # cut short: neither a success nor a crash
         else:
             assert epochs == EPOCHS and "hybridnas.rung" not in t.data.tags
         assert _history(client, t) == list(range(1, epochs + 1))  # one val_acc per trained epoch
