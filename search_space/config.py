@@ -105,8 +105,11 @@ class DataConfig:
 class TrainConfig:
     """`train:` in experiment and ablation files; `hybridnas train` flags override it."""
 
+    # The default recipe: 3 epochs at batch 16, AdamW 2e-3, half an epoch of warm-up, cosine. Chosen
+    # by a sweep (README, "Train one architecture"): a small conv net clears 95 % on mnist5k in 3
+    # epochs on every seed, in fp32 and bf16; batch 128 left it at 83-87 % (93 optimizer steps).
     epochs: int = 3
-    batch_size: int = 128
+    batch_size: int = 16
     optimizer: str = "adamw"
     lr: float = 2e-3
     weight_decay: float = 0.05
