@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,9 +50,11 @@ from torch import nn
 
 from .conv import check_groups, check_int
 
-# Elements of the four corners of one block of positions, (n, k, 4, C): 4 MiB in fp32 (fewer,
-# larger blocks were as fast; smaller ones pay per-op overhead); the buffer is reused block after block.
+# Elements of the four corners of one block of positions, (n, k, 4, C), on the CPU: 4 MiB in fp32
+# (fewer, larger blocks were as fast; smaller ones pay per-op overhead); the buffer is reused block
+# after block. GPUs want large launches: 256 MiB blocks there, so a batch is one block or a few.
 _BLOCK_ELEMS = 1 << 20
+_GPU_BLOCK_ELEMS = 1 << 26
 
 
 def _table(x: torch.Tensor) -> torch.Tensor:
@@ -67,18 +68,17 @@ def _table(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 0, 1, S + 2 - W, 1, S + 2 - H))
 
 
-def _blocks(B: int, P: int, C: int) -> Iterator[tuple[slice, slice]]:
-    """(images, positions) blocks of about _BLOCK_ELEMS corner elements each."""
+def _blocks(B: int, P: int, C: int, device: torch.device) -> tuple[int, list[tuple[slice, slice]]]:
+    """(images, positions) blocks of about a block's worth of corner elements each, and the
+    elements of the largest block (the buffer's size)."""
+    budget = _BLOCK_ELEMS if device.type == "cpu" else _GPU_BLOCK_ELEMS
     per_image = 4 * P * C
-    if per_image <= _BLOCK_ELEMS:
-        n = _BLOCK_ELEMS // per_image
-        for b0 in range(0, B, n):
-            yield slice(b0, min(b0 + n, B)), slice(0, P)
-    else:
-        k = max(1, _BLOCK_ELEMS // (4 * C))
-        for b in range(B):
-            for p0 in range(0, P, k):
-                yield slice(b, b + 1), slice(p0, min(p0 + k, P))
+    if per_image <= budget:
+        n = min(B, budget // per_image)
+        return n * per_image, [(slice(b0, min(b0 + n, B)), slice(0, P)) for b0 in range(0, B, n)]
+    k = max(1, budget // (4 * C))
+    blocks = [(slice(b, b + 1), slice(p0, min(p0 + k, P))) for b in range(B) for p0 in range(0, P, k)]
+    return k * 4 * C, blocks
 
 
 @functools.lru_cache(maxsize=64)
@@ -116,8 +116,9 @@ def _gather(table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     B, _, _, C = table.shape
     P = pos.shape[1]
     out = table.new_empty(B, P, C)
-    buf = table.new_empty(min(_BLOCK_ELEMS, B * P * 4 * C))
-    for images, positions in _blocks(B, P, C):
+    size, blocks = _blocks(B, P, C, table.device)
+    buf = table.new_empty(size)
+    for images, positions in blocks:
         v, frac, _ = _corners(table, pos[images, positions], images, buf)
         pairs = v.unflatten(2, (2, 2)).flatten(3)  # (n, k, [top, bottom], [x0 | x0 + 1] channels)
         wy, wx = frac.unsqueeze(-1).unbind(2)
@@ -161,9 +162,10 @@ class _BilinearGather(torch.autograd.Function):
         grad = grad.to(table.dtype)
         dtable = torch.zeros_like(table) if ctx.needs_input_grad[0] else None
         dpos = torch.empty_like(pos)
-        buf = table.new_empty(min(_BLOCK_ELEMS, B * P * 4 * C))
+        size, blocks = _blocks(B, P, C, table.device)
+        buf = table.new_empty(size)
         pair = torch.tensor([0, 1], device=pos.device)
-        for images, positions in _blocks(B, P, C):
+        for images, positions in blocks:
             g = grad[images, positions].unsqueeze(2)  # (n, k, 1, C)
             v, frac, pair_rows = _corners(table, pos[images, positions], images, buf)
             d = v.mul_(g).sum(-1)  # (n, k, 4): the gradient's dot product with every corner

@@ -161,8 +161,11 @@ class DataConfig:
 class TrainConfig:
     """`train:` in experiment and ablation files; `hybridnas train` flags override it."""
 
+    # The default recipe: 3 epochs at batch 16, AdamW 2e-3, half an epoch of warm-up, cosine. Chosen
+    # by a sweep (README, "Train one architecture"): a small conv net clears 95 % on mnist5k in 3
+    # epochs on every seed, in fp32 and bf16; batch 128 left it at 83-87 % (93 optimizer steps).
     epochs: int = field(default=3, metadata=_range(1, MAX_EPOCHS))
-    batch_size: int = field(default=128, metadata=_range(1, MAX_BATCH_SIZE))
+    batch_size: int = field(default=16, metadata=_range(1, MAX_BATCH_SIZE))
     optimizer: str = "adamw"
     lr: float = field(default=2e-3, metadata=_range(0.0, MAX_LR, open_lo=True))
     weight_decay: float = field(default=0.05, metadata=_range(0.0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import hybridnas.blocks.deform as deform
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +181,20 @@ def test_bf16_autocast_matches_fp32_at_random_offsets():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
     torch.testing.assert_close(y.float(), m(x), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("block", [40, 1000, 1 << 30], ids=["positions-of-one-image", "two-images", "whole"])
+def test_gather_does_not_depend_on_the_block_size(block, monkeypatch):
+    # 40 elements: blocks of a few positions inside one image; 1000: two images per block (odd
+    # batch, so the last block is partial); 2^30: the whole batch at once.
+    torch.manual_seed(5)
+    x = torch.randn(3, 5, 4, 2, dtype=torch.float64, requires_grad=True)
+    pos = (torch.rand(3, 30, 2, dtype=torch.float64) * 8 - 2).requires_grad_(True)
+    g = torch.randn(3, 30, 2, dtype=torch.float64)
+    expected = bilinear_gather(x, pos)
+    dx, dpos = torch.autograd.grad(expected, (x, pos), g)
+    monkeypatch.setattr(deform, "_BLOCK_ELEMS", block)
+    got = bilinear_gather(x, pos)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(got, (x, pos), g), (dx, dpos)):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)

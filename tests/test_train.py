@@ -26,6 +26,8 @@ from hybridnas.runners.train import (
     lr_factor,
     param_groups,
     restart_factor,
+    resolve_device,
+    resolve_precision,
     train_model,
 )
 from hybridnas.search_space.build import build_model
@@ -59,10 +61,17 @@ def tiny():
     return ArchSpec.from_yaml(TINY)
 
 
-def test_small_conv_net_clears_95_percent_on_mnist5k_in_3_epochs():
+# What "auto" trains in on this CPU (bf16 with native bf16 units, else fp32), and fp32 wherever.
+PRECISIONS = sorted({resolve_precision("auto", torch.device("cpu")), "fp32"})
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_small_conv_net_clears_95_percent_on_mnist5k_in_3_epochs_with_the_default_recipe(precision):
     data = load_dataset(DataConfig(dataset="mnist5k"))
-    cfg = TrainConfig(epochs=3, batch_size=32, lr=8e-3, warmup_epochs=0.2, seed=0)
+    cfg = TrainConfig(precision=precision)  # every other key at its default: the default recipe
+    assert cfg.epochs == 3
     res = train_model(ArchSpec.from_yaml(SMALL_MNIST), data, cfg, device="cpu", threads=1)
+    assert res.precision == precision
     assert res.val_acc > 0.95, res.history
     # Learning, not luck: the loss falls every epoch.
     losses = [h["train_loss"] for h in res.history]
