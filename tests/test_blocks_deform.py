@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 
-import hybridnas.blocks.deform as deform
 import pytest
 import torch
 import torch.nn.functional as F
 
+import hybridnas.blocks.deform as deform
 from hybridnas.blocks.deform import DeformConv, bilinear_gather
 
 

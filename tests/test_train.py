@@ -25,9 +25,8 @@ from hybridnas.runners.train import (
     fit_steps,
     lr_factor,
     param_groups,
-    restart_factor,
-    resolve_device,
     resolve_precision,
+    restart_factor,
     train_model,
 )
 from hybridnas.search_space.build import build_model
