@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import statistics
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.latency import LatencyContext, latency
@@ -457,3 +459,64 @@ def calibrate_latency(
     table.put(marker, record)
     table.save()
     return {**res, "quality": quality, "seconds": time.perf_counter() - t0, "path": str(table.path)}
+
+
+SNAPSHOT_FILE = "latency_table.json"
+
+
+def snapshot_table(table_path: str | os.PathLike, dest: str | os.PathLike, context: LatencyContext) -> int:
+    """Copy this context's entries of the shared table into ``dest`` (a search's own table).
+
+    A search predicts from its snapshot for its whole life, so a calibration of another space on
+    this machine (which refits shared entries) cannot move the predictions of a paused search.
+    Returns the number of entries copied.
+    """
+    prefix = context.key() + "||"
+    src = LatencyTable(table_path)
+    dest = Path(dest)
+    if dest.exists():
+        dest.unlink()  # a snapshot is taken once per search; an earlier partial one is replaced
+    snap = LatencyTable(dest)
+    n = 0
+    for key, entry in src.items():
+        if key.startswith(prefix):
+            snap.put(key, entry)
+            n += 1
+    if n:
+        snap.save()
+    return n
+
+
+def snapshot_drift(
+    snapshot: str | os.PathLike, table_path: str | os.PathLike | None, context: LatencyContext
+) -> int:
+    """How many of the snapshot's unit entries the machine's shared table now holds differently."""
+    prefix = context.key() + "||"
+    snap, shared = LatencyTable(snapshot), LatencyTable(table_path)
+    changed = 0
+    for key, entry in snap.items():
+        if not key.startswith(prefix) or SPACE in key or ARCH in key:
+            continue
+        now = shared.get(key)
+        if now is None or float(now.get("ms", math.nan)) != float(entry["ms"]):
+            changed += 1
+    return changed
+
+
+def snapshot_calibration(
+    snapshot: str | os.PathLike, space: Any, input: Any, context: LatencyContext, seed: int = 0
+) -> dict[str, Any]:
+    """The calibration a search recorded in its snapshot (what `calibrate_latency` returned then),
+    without measuring anything: a resumed search reports and predicts from it unchanged."""
+    done = LatencyTable(snapshot).get(space_marker(space, input, context, seed)) or {}
+    quality = done.get("quality") or {"calibrated": False, "clock": context.clock}
+    return {
+        "units": done.get("units", 0),
+        "measured": 0,
+        "timed": 0,
+        "fit": done.get("fit", 0),
+        "broken": done.get("broken", []),
+        "seconds": 0.0,
+        "path": str(snapshot),
+        "quality": quality,
+    }

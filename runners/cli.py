@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = bsub.add_parser("efficiency", help="search strategies replayed on cached learning curves")
     s.add_argument("--experiment", default=None, help="experiment file (default: the quickstart)")
     s.add_argument(
-        "--archs", type=int, default=None, help="architectures to train for the table (default 64)"
+        "--archs", type=int, default=None, help="architectures to train for the table (default 32)"
     )
     s.add_argument("--reps", type=int, default=None, help="repetitions per strategy (default 20)")
     s.add_argument("--budget", type=int, default=None, help="compute budget in full trainings (default 12)")

@@ -46,9 +46,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hybridnas.runners.calibration import calibrate_latency, calibration_summary, calibration_warning
+from hybridnas.runners.calibration import (
+    SNAPSHOT_FILE,
+    calibrate_latency,
+    calibration_summary,
+    calibration_warning,
+    snapshot_calibration,
+    snapshot_drift,
+    snapshot_table,
+)
 from hybridnas.runners.data import input_for
 from hybridnas.runners.fidelity import fidelity_report
+from hybridnas.runners.files import shown
 from hybridnas.runners.latency import LatencyContext
 from hybridnas.runners.ray_runtime import init_ray, trial_actors_on_prestarted_workers
 from hybridnas.runners.repeats import REPEAT_KIND, run_repeats
@@ -381,11 +390,30 @@ def _search(
         timings["mlflow_s"] = time.time() - t_start - timings.get("ray_init_s", 0.0)
         # The latency table, while nothing else runs on this machine (a local Ray is not started yet).
         latency_context = LatencyContext.from_config(exp.latency)
-        cal = calibrate_latency(exp.space, input_spec, latency_context, seed=exp.search.seed, name=exp.name)
-        timings["latency_table_s"] = cal["seconds"]
-        say(calibration_summary(cal))
-        if calibration_warning(cal["quality"], latency_context):
-            say(calibration_warning(cal["quality"], latency_context))
+        # The search predicts from its own copy of the table for its whole life (issue 18): a resume
+        # uses the snapshot it started with, whatever was calibrated on this machine since.
+        snapshot = out / SNAPSHOT_FILE
+        t = time.perf_counter()
+        if resume and snapshot.exists():
+            cal = snapshot_calibration(snapshot, exp.space, input_spec, latency_context, seed=exp.search.seed)
+            drift = snapshot_drift(snapshot, None, latency_context)
+            say(
+                f"latency: predictions from this search's own table {shown(snapshot)}, as when it started"
+                + (
+                    f" (the machine's table has changed {drift} of its entries since; a new search would use those)"
+                    if drift
+                    else ""
+                )
+            )
+        else:
+            cal = calibrate_latency(
+                exp.space, input_spec, latency_context, seed=exp.search.seed, name=exp.name
+            )
+            say(calibration_summary(cal))
+            if calibration_warning(cal["quality"], latency_context):
+                say(calibration_warning(cal["quality"], latency_context))
+            snapshot_table(cal["path"], snapshot, latency_context)
+        timings["latency_table_s"] = time.perf_counter() - t
         import torch
 
         torch.set_num_threads(
@@ -416,7 +444,7 @@ def _search(
             input_spec.to_dict(),
             constraints,
             dataclasses.asdict(exp.latency),
-            cal["path"],
+            str(snapshot),
             grid=grid,
         )
         import optuna

@@ -146,6 +146,46 @@ class BufferedClient:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self._write({"op": "log_text", "run_id": run_id, "text": text, "artifact_file": artifact_file})
 
+    def log_inputs(self, run_id: str, datasets: Iterable = (), **_: Any) -> None:
+        """Dataset inputs (`store.log_dataset`), kept as their fields: no arrays are ever logged."""
+        self._write(
+            {
+                "op": "log_inputs",
+                "run_id": run_id,
+                "datasets": [
+                    {
+                        "dataset": {
+                            k: getattr(d.dataset, k)
+                            for k in ("name", "digest", "source_type", "source", "schema", "profile")
+                        },
+                        "tags": [[t.key, t.value] for t in d.tags],
+                    }
+                    for d in datasets
+                ],
+            }
+        )
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        """A file of the output folder (it stays there, so a buffered upload can be replayed)."""
+        self._write(
+            {
+                "op": "log_artifact",
+                "run_id": run_id,
+                "local_path": str(local_path),
+                "artifact_path": artifact_path,
+            }
+        )
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
+        self._write(
+            {
+                "op": "log_artifacts",
+                "run_id": run_id,
+                "local_dir": str(local_dir),
+                "artifact_path": artifact_path,
+            }
+        )
+
     # -- delivery ------------------------------------------------------------------------------
 
     def _write(self, op: dict) -> Any:
@@ -282,6 +322,20 @@ class BufferedClient:
             c.delete_run(run_id)
         elif kind == "log_text":
             c.log_text(run_id, op["text"], op["artifact_file"])
+        elif kind == "log_inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            c.log_inputs(
+                run_id,
+                datasets=[
+                    DatasetInput(Dataset(**d["dataset"]), tags=[InputTag(k, v) for k, v in d["tags"]])
+                    for d in op["datasets"]
+                ],
+            )
+        elif kind == "log_artifact":
+            c.log_artifact(run_id, op["local_path"], op["artifact_path"])
+        elif kind == "log_artifacts":
+            c.log_artifacts(run_id, op["local_dir"], op["artifact_path"])
         else:
             raise ValueError(f"unknown buffered write {kind!r}")
         return None

@@ -1,8 +1,11 @@
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,77 @@ def search_killed_after(ray, exp, cwd, n: int, statuses=("ok",), timeout: float 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on a loopback port, SQLite store and artifacts in ``root``; stopped and
+    started again on the same port and store (the fault tests take it away mid-search).
+
+    Its own process group (the server forks uvicorn), killed as a whole; no job runner (MLflow 3's
+    background jobs are not needed and would add processes and SQLite writers).
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = Path(root), port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> str:
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        log = open(self.root / "server.log", "ab")  # a file, not a pipe: the forked children inherit it
+        self.proc = subprocess.Popen(
+            [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + timeout  # minutes on a loaded 2-core machine
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=5).close()
+                return self.url
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(
+                        f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}"
+                    )
+                time.sleep(0.5)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)  # the group this started: server and uvicorn
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server_process(tmp_path):
+    """A started `MlflowServer` in tmp_path, stopped at the end."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_process):
+    """The URL of a started `mlflow server` on loopback (`MlflowServer`)."""
+    return mlflow_server_process.url

@@ -7,15 +7,12 @@ simulated two-node cluster. Everything is read back through `MlflowClient`, the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -441,55 +438,6 @@ def test_a_cluster_that_cannot_be_joined_fails_with_exit_2_before_mlflow_has_a_r
         [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()]
     )
     assert not (Path(exp.out_dir) / "state.json").exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on a free loopback port, SQLite store and artifacts in tmp_path.
-
-    Its own process group (the server forks uvicorn), killed as a whole at the end; no job runner
-    (MLflow 3's background jobs are not needed and would add processes and SQLite writers).
-    """
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    log = open(tmp_path / "server.log", "wb")  # a file, not a pipe: the forked children inherit it
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300  # minutes on a loaded 2-core machine
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(
-                        f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}"
-                    )
-                time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the group this fixture started: server and uvicorn
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_search_logs_to_a_real_mlflow_server(ray_local, tmp_path, mlflow_server, capsys):

@@ -415,7 +415,7 @@ def main(args: argparse.Namespace) -> int:
     quick = bool(getattr(args, "quick", False))
     path = getattr(args, "experiment", None) or quickstart_path("pass --experiment FILE")
     exp = Experiment.from_yaml(path)
-    n = getattr(args, "archs", None) or (6 if quick else 56)
+    n = getattr(args, "archs", None) or (6 if quick else 32)
     reps = getattr(args, "reps", None) or 20
     budget_trainings = getattr(args, "budget", None) or (3 if quick else 12)
     for key, v, lo in (("--archs", n, 4), ("--reps", reps, 1), ("--budget", budget_trainings, 1)):
