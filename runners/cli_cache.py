@@ -24,6 +24,8 @@ def _quality(q: dict[str, Any]) -> str:
     parts = []
     if q.get("noise") is not None:
         parts.append(f"noise {deviation_text(q['noise'])}")
+    if q.get("tail") is not None:
+        parts.append(f"tail {deviation_text(q['tail'])}")
     if q.get("refit") is not None:
         parts.append(f"refit {100 * q['refit']:.0f}% of {q.get('archs', 0)} within 10%")
     if q.get("noisy"):

@@ -24,7 +24,7 @@ from hybridnas.search_space import Experiment
 from hybridnas.search_space.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
-ANY_MACHINE = NoiseLimits(noise=math.inf, refit=0.0)  # this test is not about noise
+ANY_MACHINE = NoiseLimits(noise=math.inf, tail=math.inf, refit=0.0)  # this test is not about noise
 
 TINY_EXPERIMENT = """
 name: tiny_latency

@@ -28,7 +28,7 @@ from hybridnas.runners.latency_table import (
 
 # Limits no machine fails: what a test that is not about noise calibrates with, so that it does
 # not depend on how busy the machine running it is.
-ANY_MACHINE = NoiseLimits(noise=math.inf, refit=0.0)
+ANY_MACHINE = NoiseLimits(noise=math.inf, tail=math.inf, refit=0.0)
 
 
 def _synthetic_context_table(tmp_path, n_archs, seed=0):
@@ -194,3 +194,34 @@ def test_refit_leaves_out_end_to_end_times_taken_while_the_machine_was_noisy(tmp
         key = f"{ctx}||arch|a{i}"
         table.put(key, {**table.get(key), "noisy": True})
     assert fit_table(table) == {"archs": MIN_FIT_ARCHS - 1}  # 3 of 12 left out: too few to refit
+
+
+def _reference_with(timings):
+    from hybridnas.runners.calibration import _Reference
+
+    ref = object.__new__(_Reference)  # the timings only: no network is built or timed
+    ref.timings = [{"median_ms": m, "p90_ms": p} for m, p in timings]
+    ref.windows = []
+    return ref
+
+
+@pytest.mark.parametrize(
+    ("timings", "calibrated", "says"),
+    [
+        # a quiet machine: medians within a few percent, tails of 15-30 % (ordinary jitter)
+        ([(1.00, 1.20), (1.02, 1.25), (0.99, 1.30), (1.01, 1.18)], True, None),
+        # the medians drift: preemption moved whole timings
+        ([(1.00, 1.10), (1.40, 1.50), (1.02, 1.10), (1.50, 1.60)], False, "varied by"),
+        # steady medians, but the slow runs take twice the median: the tail gives the load away
+        ([(1.00, 2.00), (1.00, 2.10), (1.01, 1.95), (1.00, 2.20)], False, "slowest runs"),
+    ],
+)
+def test_drift_and_slow_tail_each_decide_against_their_own_limit(timings, calibrated, says):
+    from hybridnas.runners.calibration import calibration_quality
+
+    ctx = LatencyContext(clock="wall")
+    q = calibration_quality(_reference_with(timings), {}, 0, 0.5, ctx, NoiseLimits())
+    assert q["calibrated"] is calibrated
+    assert 0 <= q["noise"] and 0 <= q["tail"]
+    line = calibration_warning(q, ctx)
+    assert (line is None) if says is None else (says in line and "\n" not in line)

@@ -229,6 +229,8 @@ def _median_abs(diffs: list[float]) -> float:
 def _verdict(cal: dict[str, Any]) -> str:
     q = cal["quality"]
     noise = "" if q["noise"] is None else f", noise {deviation_text(q['noise'])}"
+    if q.get("tail") is not None:
+        noise += f", tail {deviation_text(q['tail'])}"
     return ("calibrated" if q["calibrated"] else "NOT calibrated") + noise
 
 
