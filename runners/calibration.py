@@ -96,7 +96,7 @@ class _Reference:
         self.windows: list[tuple[int, list[str]]] = []
         # Untimed once: a network's first timing runs 10-15 % slow (allocator, kernel selection),
         # which would read as drift.
-        latency(self.model, self.shape, self.ctx, warmup=2, runs=5)
+        latency(self.model, self.shape, self.ctx, warmup=2, runs=PROBE_RUNS)
         self.time()
 
     def time(self) -> None:
