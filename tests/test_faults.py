@@ -2,7 +2,7 @@
 before the trials began, two searches creating one SQLite store at once, an `mlflow server` that
 goes away mid-search and comes back, another calibration between a kill and a resume.
 
-Trials sleep a few seconds (``HYBRIDNAS_FAULTS=*:sleep3``) so that a signal sent after the first
+Trials sleep two seconds (``HYBRIDNAS_FAULTS=*:sleep2``) so that a signal sent after the first
 finished trial lands while others run, whatever the machine's speed.
 """
 
@@ -77,12 +77,27 @@ def _ablation_file(tmp: Path, name: str) -> Path:
     return path
 
 
+CACHE: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory):
+    """One latency cache for the module's drivers (the space is calibrated once); the test that
+    kills a driver during its calibration uses a fresh one of its own."""
+    CACHE["dir"] = tmp_path_factory.mktemp("cache")
+    yield
+
+
+def _shared_table() -> Path:
+    return CACHE["dir"] / "latency.json"
+
+
 def _env(tmp: Path, **extra: str) -> dict:
     return {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "HYBRIDNAS_CACHE_DIR": str(tmp / "cache"),
-        "HYBRIDNAS_FAULTS": "*:sleep3",
+        "HYBRIDNAS_CACHE_DIR": str(CACHE["dir"]),
+        "HYBRIDNAS_FAULTS": "*:sleep2",
         "RAY_ADDRESS": "local",  # a Ray of its own, whatever else runs on this machine
         **extra,
     }
@@ -195,7 +210,7 @@ def _another_calibration_moves_the_shared_table(path: Path, tmp: Path) -> None:
     from hybridnas.search_space.experiment import Experiment
 
     prefix = LatencyContext.from_config(Experiment.from_yaml(path).latency).key() + "||"
-    shared = LatencyTable(tmp / "cache" / "latency.json")
+    shared = LatencyTable(_shared_table())
     for key, entry in shared.items():
         if key.startswith(prefix) and ARCH not in key and "space|" not in key:
             shared.put(key, {**entry, "ms": entry["ms"] * 3})
@@ -210,7 +225,7 @@ def _predicted_from_the_snapshot(path: Path, tmp: Path, snapshot: Path, kids: li
 
     ctx = LatencyContext.from_config(Experiment.from_yaml(path).latency)
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    kept, moved = LatencyTable(snapshot), LatencyTable(tmp / "cache" / "latency.json")
+    kept, moved = LatencyTable(snapshot), LatencyTable(_shared_table())
     for k in kids:
         spec = ArchSpec.from_yaml(client.download_artifacts(k.info.run_id, "arch.yaml", str(tmp)))
         assert k.data.metrics["latency_ms"] == pytest.approx(predict_latency(spec, kept, ctx), rel=1e-9)
@@ -221,7 +236,8 @@ def test_a_search_killed_before_its_trials_began_is_continued_by_a_rerun(tmp_pat
     # A fresh latency cache: the driver is killed while it calibrates, before Tune has a state.
     name = "early"
     path = _search_file(tmp_path, name, trials=2)
-    proc = _start(["search", path.name], tmp_path, HYBRIDNAS_FAULTS="")
+    fresh = {"HYBRIDNAS_FAULTS": "", "HYBRIDNAS_CACHE_DIR": str(tmp_path / "cache")}
+    proc = _start(["search", path.name], tmp_path, **fresh)
     state = tmp_path / "out" / name / "state.json"
     deadline = time.monotonic() + 300
     while not state.exists():
@@ -234,7 +250,7 @@ def test_a_search_killed_before_its_trials_began_is_continued_by_a_rerun(tmp_pat
     assert [p.info.status for p in parents] == ["RUNNING"]  # what kill -9 leaves
     assert not (tmp_path / "out" / name / "tune").exists()
 
-    proc = _start(["search", path.name, "--resume"], tmp_path, HYBRIDNAS_FAULTS="")
+    proc = _start(["search", path.name, "--resume"], tmp_path, **fresh)
     output = "".join(proc.communicate(timeout=400))
     assert proc.returncode == 0, output[-3000:]
     again, kids = _runs(tmp_path, name)
