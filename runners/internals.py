@@ -135,3 +135,64 @@ def tune_actors_without_env_vars() -> Iterator[None]:
         yield
     finally:
         cache.DEFAULT_ENV_VARS, cache.ENV_VARS_TO_PROPAGATE = saved
+
+
+# -- Ray Tune: a ConcurrencyLimiter restored with ids of trials that no longer exist ----------------
+
+
+def concurrency_limiter(searcher: Any, max_concurrent: int) -> Any:
+    """Ray Tune's `ConcurrencyLimiter` around ``searcher``, made safe to restore (issue 18).
+
+    The limiter saves the ids of the trials live at each snapshot (its ``live_trials``), and a
+    restored search holds a slot for each until that trial completes. Ray snapshots the searcher and
+    the trial list separately, every few seconds, so a driver stopped between the two leaves an id no
+    restored trial carries: it never completes, and the resumed search runs one trial fewer at a time
+    for good (seen: concurrency 2 resumed as 1). `ResumableConcurrencyLimiter` gives the ids it
+    restores no slot; a restored trial that completes is still told to the searcher. When the
+    installed Ray's limiter keeps no ``live_trials``, Ray's own limiter is used, with a logged line.
+    """
+    from ray.tune.search import ConcurrencyLimiter
+
+    plain = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    if not isinstance(getattr(plain, "live_trials", None), set):
+        import ray
+
+        log.info(
+            "ray %s: ConcurrencyLimiter keeps no live_trials; a resumed search may run fewer trials at once",
+            ray.__version__,
+        )
+        return plain
+    return __getattr__("ResumableConcurrencyLimiter")(searcher, max_concurrent=max_concurrent)
+
+
+def _resumable_limiter_class() -> type:
+    from ray.tune.search import ConcurrencyLimiter
+
+    class ResumableConcurrencyLimiter(ConcurrencyLimiter):
+        """See `concurrency_limiter`."""
+
+        def set_state(self, state: dict) -> None:
+            super().set_state(state)
+            self.restored = set(self.live_trials)
+            self.live_trials = set()
+            self.num_unfinished_live_trials = 0
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            restored = self.__dict__.setdefault("restored", set())
+            if trial_id in restored and trial_id not in self.live_trials:
+                restored.discard(trial_id)
+                return self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return super().on_trial_complete(trial_id, result=result, error=error)
+
+    ResumableConcurrencyLimiter.__module__ = __name__
+    ResumableConcurrencyLimiter.__qualname__ = ResumableConcurrencyLimiter.__name__
+    return ResumableConcurrencyLimiter
+
+
+def __getattr__(name: str) -> Any:
+    # The limiter subclass is made on first use (importing Ray Tune costs half a second) and kept
+    # under its module-level name, so that pickle finds it.
+    if name == "ResumableConcurrencyLimiter":
+        cls = globals()[name] = _resumable_limiter_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -322,7 +322,10 @@ class MOASHAScheduler(_Persistent, FIFOScheduler):
         if epoch is None or result.get("status", "running") != "running":
             return TrialScheduler.CONTINUE
         before = self.rule.arrivals
-        decision = self.rule.decide(trial.trial_id, int(epoch), result)
+        # Records are kept per architecture, not per Tune trial: a trial lost when a driver was
+        # killed is asked again under a new id and must meet the decisions its first run got.
+        key = str((trial.config or {}).get("arch_hash") or trial.trial_id)
+        decision = self.rule.decide(key, int(epoch), result)
         if self.rule.arrivals != before:
             self._persist()
         return TrialScheduler.STOP if decision == STOP else TrialScheduler.CONTINUE

@@ -58,6 +58,7 @@ from hybridnas.runners.calibration import (
 from hybridnas.runners.data import input_for
 from hybridnas.runners.fidelity import fidelity_report
 from hybridnas.runners.files import shown
+from hybridnas.runners.internals import concurrency_limiter
 from hybridnas.runners.latency import LatencyContext
 from hybridnas.runners.ray_runtime import init_ray, trial_actors_on_prestarted_workers
 from hybridnas.runners.repeats import REPEAT_KIND, run_repeats
@@ -499,7 +500,8 @@ def _search(
                 trainable,
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
-                    search_alg=searcher,
+                    # Ray's limiter, safe to restore (`internals.concurrency_limiter`).
+                    search_alg=concurrency_limiter(searcher, exp.search.concurrency),
                     scheduler=make_scheduler(
                         exp.search.scheduler,
                         objectives,
@@ -509,7 +511,6 @@ def _search(
                         state_path=out / SCHEDULER_STATE,
                     ),
                     num_samples=n_trials,
-                    max_concurrent_trials=exp.search.concurrency,
                     # Function trainables support reset_config: one worker process per slot for the
                     # whole search, so imports and the data cache survive from trial to trial.
                     reuse_actors=True,

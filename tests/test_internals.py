@@ -8,6 +8,7 @@ import threading
 import optuna
 import ray
 from ray import cloudpickle
+from ray.tune.search import Searcher
 
 from hybridnas.runners import internals
 from hybridnas.runners.searcher import make_sampler
@@ -66,3 +67,35 @@ def test_tune_class_cache_lists_are_emptied_inside_and_restored_after():
     with internals.tune_actors_without_env_vars():
         assert class_cache.DEFAULT_ENV_VARS == {} and class_cache.ENV_VARS_TO_PROPAGATE == set()
     assert (dict(class_cache.DEFAULT_ENV_VARS), set(class_cache.ENV_VARS_TO_PROPAGATE)) == before
+
+
+class Counting(Searcher):
+    """Suggests one fixed config and records which trials it was told of."""
+
+    def __init__(self):
+        super().__init__(metric="m", mode="max")
+        self.told = []
+
+    def suggest(self, trial_id):
+        return {"x": 1}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.told.append(trial_id)
+
+
+def test_a_restored_concurrency_limiter_gives_vanished_trials_no_slot():
+    # Ray restores the limiter's live trial ids from its snapshot; one that no restored trial
+    # carries would hold a slot for good (a resumed concurrency-2 search ran one trial at a time).
+    from hybridnas.runners.internals import concurrency_limiter
+
+    before = concurrency_limiter(Counting(), 2)
+    assert before.suggest("a") and before.suggest("b") and before.suggest("c") is None  # 2 at a time
+    state = before.get_state()  # what Ray saves: 'a' and 'b' live
+
+    after = pickle.loads(pickle.dumps(concurrency_limiter(Counting(), 2)))
+    after.set_state(state)  # restored; 'a' is rerun by Tune, 'b' vanished between two snapshots
+    assert after.suggest("c") and after.suggest("d")  # two new slots, whatever 'b' does
+    assert after.suggest("e") is None
+    after.on_trial_complete("a", {"m": 1.0})  # the restored trial that did run is told to the searcher
+    after.on_trial_complete("c", {"m": 1.0})
+    assert after.searcher.told == ["a", "c"] and after.suggest("e")

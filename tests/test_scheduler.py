@@ -236,3 +236,20 @@ def test_asha_is_rays_on_the_first_objective_and_keeps_its_state_too(tmp_path):
 
 def test_fifo_is_rays_fifo():
     assert type(make_scheduler("fifo", OBJ2, epochs=4)) is FIFOScheduler
+
+
+def test_a_lost_trial_asked_again_under_a_new_id_meets_its_architectures_decisions(tmp_path):
+    # A driver killed between Ray's snapshots loses a running trial; the resumed search asks for
+    # the same architecture again as a new Tune trial. The rung keeps one record per architecture.
+    sched = make_scheduler("moasha", OBJ2, epochs=9, min_epochs=1, eta=3, state_path=tmp_path / "s.json")
+    first, other, again = (
+        Trial("__fake", stub=True, trial_id=tid, config={"arch_hash": h})
+        for tid, h in (("t0", "arch-a"), ("t1", "arch-b"), ("t9", "arch-b"))
+    )
+    for tr in (first, other, again):
+        sched.on_trial_add(None, tr)
+    assert sched.on_trial_result(None, first, result(1, 0.9, 1e6)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, other, result(1, 0.5, 2e6)) == TrialScheduler.STOP
+    # its rerun reaches the rung with a better value: the decision stands, no second record
+    assert sched.on_trial_result(None, again, result(1, 0.99, 1.0)) == TrialScheduler.STOP
+    assert sched.rule.reached() == {1: 2, 3: 0}
