@@ -564,6 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="N busy background processes during a second calibration and prediction",
     )
+    s.add_argument(
+        "--load-kind",
+        default="cpu",
+        help="what each busy process does: cpu (a loop, one core) or memory (also streams through memory)",
+    )
     s.set_defaults(func=_handler("hybridnas.runners.bench.latency"))
     s = bsub.add_parser("train", help="this trainer vs a textbook DataLoader loop")
     s.add_argument("--epochs", type=int, default=2)

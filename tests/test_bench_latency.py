@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hybridnas.runners.bench import latency as bench
-from hybridnas.runners.bench.load import busy_load
+from hybridnas.runners.bench.load import MEMORY_BUFFER, busy_load
 from hybridnas.runners.calibration import NoiseLimits
 from hybridnas.runners.machine import machine_line
 from hybridnas.search_space import Experiment
@@ -113,7 +113,7 @@ def test_main_with_load_prints_quiet_and_loaded_scores_side_by_side_and_ends_the
     rc = bench.main(argparse.Namespace(experiment=str(experiment_file), samples=1, quick=True, load=1))
     out = capsys.readouterr().out
     assert rc == 0 and not multiprocessing.active_children()  # the busy processes are gone
-    assert "under load: 1 busy processes started" in out and "load ended (1 processes stopped)" in out
+    assert "under load: 1 busy processes (cpu) started" in out and "load ended (1 processes stopped)" in out
     assert re.search(r"^(wall|cpu) under load 1: \d+% of 1 within 10% of the quiet times", out, re.M)
     table = out[out.index("side by side") :].splitlines()[1:]
     assert table[0].split() == [
@@ -139,6 +139,38 @@ def test_bad_load_is_a_user_error(experiment_file):
         bench.main(argparse.Namespace(experiment=str(experiment_file), samples=1, quick=True, load=-1))
 
 
+def test_bad_load_kind_is_a_user_error_naming_the_kinds(experiment_file):
+    with pytest.raises(SpecError, match=r"--load-kind.*cpu, memory.*'disk'"):
+        bench.main(
+            argparse.Namespace(
+                experiment=str(experiment_file), samples=1, quick=True, load=1, load_kind="disk"
+            )
+        )
+    with pytest.raises(ValueError, match="kind"):
+        with busy_load(1, 10, kind="disk"):
+            pass
+    assert not multiprocessing.active_children()
+
+
+def test_memory_load_streams_through_a_buffer_beyond_the_caches_and_ends_with_the_block():
+    with busy_load(2, 60, kind="memory") as procs:
+        deadline = time.monotonic() + 20
+        rss = [0, 0]
+        while time.monotonic() < deadline and min(rss) < 2 * MEMORY_BUFFER:
+            rss = [_rss(p.pid) for p in procs]
+            time.sleep(0.1)
+        assert min(rss) >= 2 * MEMORY_BUFFER  # both buffers touched: each process streams 128 MiB
+        assert all(p.is_alive() for p in procs)
+    assert not any(p.is_alive() for p in procs) and not multiprocessing.active_children()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def test_busy_load_runs_its_processes_for_the_block_only_even_when_the_block_fails():
     with pytest.raises(RuntimeError, match="inside"):
         with busy_load(2, 60) as procs:
@@ -151,7 +183,7 @@ def test_busy_processes_die_with_a_parent_that_is_killed(tmp_path):
     # A parent killed outright runs no cleanup: its busy processes must still not outlive it.
     script = (
         "import os, sys, time\n"
-        "from hybridnas.runners.bench.load import busy_load\n"
+        "from hybridnas.runners.bench.load import MEMORY_BUFFER, busy_load\n"
         "with busy_load(2, 120) as procs:\n"
         "    print(' '.join(str(p.pid) for p in procs), flush=True)\n"
         "    time.sleep(120)\n"

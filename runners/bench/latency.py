@@ -1,4 +1,4 @@
-"""`hybridnas bench latency [--experiment FILE] [--samples N] [--quick] [--load N]`: how good is the
+"""`hybridnas bench latency [--experiment FILE] [--samples N] [--quick] [--load N [--load-kind cpu|memory]]`: how good is the
 latency table, on a quiet machine and on a busy one?
 
 Samples architectures from a search space (the quickstart's by default) with Optuna's seeded
@@ -20,7 +20,8 @@ reported on the CPU with one thread: wall time and the thread's CPU time (see `r
 calibrates and predicts again, under that load, from a fresh table; those predictions are scored
 against the end-to-end times measured on the quiet machine before the load started. The noise
 floor of each condition is how often two measurements of the same network agree within 10 %: two
-quiet ones, or a loaded one against the quiet one.
+quiet ones, or a loaded one against the quiet one. ``--load-kind memory`` makes each busy process
+also stream through memory (`runners.bench.load`), which slows the timed process on either clock.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.bench import quickstart_path
-from hybridnas.runners.bench.load import busy_load
+from hybridnas.runners.bench.load import KINDS, busy_load
 from hybridnas.runners.calibration import NoiseLimits, calibrate_table, deviation_text
 from hybridnas.runners.latency import LatencyContext, latency
 from hybridnas.runners.latency_table import (
@@ -255,10 +256,13 @@ def main(args: argparse.Namespace) -> int:
     quick = bool(getattr(args, "quick", False))
     samples = getattr(args, "samples", 30) or 30
     load = getattr(args, "load", 0) or 0
+    kind = getattr(args, "load_kind", None) or "cpu"
     if samples < 1:
         raise SpecError("--samples", f"must be >= 1, got {samples}")
     if load < 0:
         raise SpecError("--load", f"must be >= 0 busy processes, got {load}")
+    if kind not in KINDS:
+        raise SpecError("--load-kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
     if quick:
         samples = min(samples, 6)
     runs = 20 if quick else 50
@@ -302,8 +306,8 @@ def main(args: argparse.Namespace) -> int:
         )
     if load:
         loaded: dict[str, list[dict[str, Any]]] = {}
-        with busy_load(load, LOAD_BOUND_S):
-            print(f"\nunder load: {load} busy processes started; {_load()}")
+        with busy_load(load, LOAD_BOUND_S, kind):
+            print(f"\nunder load: {load} busy processes ({kind}) started; {_load()}")
             for clock in clocks:
                 loaded[clock] = evaluate_loaded(exp, quiet[clock], runs, clock, end_to_end=end_to_end)
                 s = summarize(loaded[clock])
