@@ -507,7 +507,7 @@ def test_every_sampler_pickles_as_the_tuner_needs_and_samples_on_after_unpicklin
     # samplers hold a threading.Lock, which failed every nsga2/nsga3 search (the quickstart's too).
     import optuna
 
-    from hybridnas.runners.search import make_sampler
+    from hybridnas.runners.searcher import make_sampler
 
     sampler = pickle.loads(pickle.dumps(make_sampler(name, seed=0, trials=12)))
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
@@ -519,7 +519,7 @@ def test_every_sampler_pickles_as_the_tuner_needs_and_samples_on_after_unpicklin
 def test_a_local_search_starts_its_own_ray_even_when_another_cluster_is_advertised():
     # Another process's cluster (ray.cluster_utils, `ray start`) is advertised in RAY_ADDRESS or
     # /tmp/ray/ray_current_cluster; a plain ray.init() joined it and then refused num_cpus.
-    code = "import ray; from hybridnas.runners.search import init_ray; assert init_ray(); print(ray.cluster_resources()['CPU'])"
+    code = "import ray; from hybridnas.runners.ray_runtime import init_ray; assert init_ray(); print(ray.cluster_resources()['CPU'])"
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 
 from hybridnas.runners.pareto import non_dominated
 from hybridnas.runners.scheduler import PromotionRule
-from hybridnas.runners.search import SCHEDULER_STATE, apply_overrides, run_search
+from hybridnas.runners.search import apply_overrides, run_search
+from hybridnas.runners.search_trials import SCHEDULER_STATE
 from hybridnas.runners.store import child_runs
 from hybridnas.search_space.errors import SpecError
 from hybridnas.search_space.experiment import Experiment
