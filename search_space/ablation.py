@@ -34,7 +34,8 @@ from .experiment import (
     parse_resources,
     parse_tracking,
 )
-from .spec import ArchSpec, load_yaml, read_text
+from .spec import ArchSpec
+from .yaml_io import load_yaml, read_text
 
 MODES = ("one_at_a_time", "grid")
 KEYS = (

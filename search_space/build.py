@@ -19,8 +19,9 @@ from torch import nn
 from hybridnas.blocks import MIXERS, Block, build_downsample
 from hybridnas.blocks.block import make_norm
 
+from .checks import key_path
 from .errors import SpecError
-from .spec import ArchSpec, StageSpec, key_path
+from .spec import ArchSpec, StageSpec
 
 
 def block_mixers(stage: StageSpec) -> list[tuple[str, dict]]:

@@ -30,10 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import as_choice, as_float, as_int, check_mapping, key_path, type_name
 from .config import MAX_CONCURRENCY, MAX_SEED, DataConfig, TrainConfig
 from .errors import SpecError, not_one_of
 from .space import ENUMERATE_LIMIT, SearchSpace
-from .spec import InputSpec, as_choice, as_float, as_int, check_mapping, key_path, load_mapping, type_name
+from .spec import InputSpec
+from .yaml_io import load_mapping
 
 OBJECTIVE_METRICS = ("val_acc", "macs", "flops", "params", "latency_ms", "train_time_s")
 CONSTRAINT_METRICS = ("macs", "flops", "params", "latency_ms")

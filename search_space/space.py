@@ -39,19 +39,13 @@ from typing import Any
 
 from hybridnas.blocks import ADDONS, DOWNSAMPLES, MIXERS
 
-from .errors import SpecError
-from .spec import (
+from .checks import (
     EXTENT_OPTIONS,
     MAX_CHANNELS,
     MAX_DEPTH,
     MAX_MLP_RATIO,
     MAX_STAGES,
     NORMS,
-    ArchSpec,
-    HeadSpec,
-    InputSpec,
-    StageSpec,
-    StemSpec,
     as_choice,
     as_float,
     as_int,
@@ -59,10 +53,12 @@ from .spec import (
     check_option,
     downsampled,
     key_path,
-    load_mapping,
     mixer_error,
     type_name,
 )
+from .errors import SpecError
+from .spec import ArchSpec, HeadSpec, InputSpec, StageSpec, StemSpec
+from .yaml_io import load_mapping
 
 ENUMERATE_LIMIT = 100_000
 GRID_PARAM = "arch_index"  # the one parameter a grid search samples: an index into enumerate()

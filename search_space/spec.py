@@ -16,320 +16,45 @@ are ignored by the builder, by ``==`` and by `arch_hash()`. Options a stage does
 default (``blocks.MIXERS[name].options``).
 
 Every check raises `SpecError` naming the key path (``stages[2].mixer``), the bad value and what is allowed.
-The helpers at the top (`check_mapping`, `as_int`, ...) are shared with `space.py` and `experiment.py`.
+The checks live in `checks` (shared with `space`, `experiment` and `ablation`), the YAML reading and
+writing in `yaml_io`.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from hybridnas.blocks import ADDONS, ATTENTION_MIXERS, DOWNSAMPLES, MIXERS
 
-from .config import MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_INPUT_SIZE, check_range
-from .errors import SpecError, did_you_mean, not_one_of
-
-NORMS = ("batchnorm", "layernorm")
-
-# Sanity bounds: far above anything a proxy search trains, low enough that a typo (an extra zero) is an error
-# instead of a model that exhausts memory.
-MAX_CHANNELS = 4096
-MAX_DEPTH = 64
-MAX_STAGES = 16
-MAX_OPTION_INT = 256
-MAX_MLP_RATIO = 16.0
-
-# Integer options that must be >= 1 (everything else integer must be >= 0, e.g. a Swin shift of 0).
-POSITIVE_OPTIONS = ("heads", "window", "kernel", "kernel_att", "kernel_conv", "span", "groups")
-# Options that set how far an attention mixer looks; larger than the map means the block clamps it.
-EXTENT_OPTIONS = ("window", "kernel_att", "kernel", "span")
-# Widths above this are probed on the meta device (see _probe).
-META_ABOVE = 512
-
-
-# --------------------------------------------------------------------------------------------------------------
-# validation helpers (shared with space.py and experiment.py)
-
-
-def key_path(path: str, key: str | int) -> str:
-    """``stages`` + 2 -> ``stages[2]``; ``stages[2]`` + ``mixer`` -> ``stages[2].mixer``."""
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def check_mapping(
-    d: Any, path: str, allowed: Iterable[str], required: Iterable[str] = (), what: str = "a mapping"
-) -> dict:
-    """`d` as a dict with only `allowed` keys (did-you-mean on a typo) and every `required` key."""
-    if not isinstance(d, Mapping):
-        raise SpecError(path, f"expected {what}, got {type_name(d)} {d!r}")
-    allowed = list(allowed)
-    for k in d:
-        if not isinstance(k, str):
-            raise SpecError(path, f"keys must be strings, got {k!r}")
-        if k not in allowed:
-            raise SpecError(
-                key_path(path, k), f"unknown key; allowed: {', '.join(allowed)}{did_you_mean(k, allowed)}"
-            )
-    for k in required:
-        if k not in d:
-            raise SpecError(key_path(path, k), "required key is missing")
-    return dict(d)
-
-
-def as_int(value: Any, path: str, lo: int | None = None, hi: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise SpecError(path, f"expected an integer, got {type_name(value)} {value!r}")
-    check_range(value, path, lo, hi)
-    return value
-
-
-def as_float(
-    value: Any, path: str, lo: float | None = None, hi: float | None = None, hi_open: bool = False
-) -> float:
-    """A finite float. Ints are accepted, and so are strings like ``1e-3`` (YAML 1.1 reads those as strings)."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise SpecError(path, f"expected a number, got {value!r}") from None
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise SpecError(path, f"expected a number, got {type_name(value)} {value!r}")
-    value = float(value)
-    check_range(value, path, lo, hi, open_hi=hi_open)
-    return value
-
-
-def as_choice(value: Any, path: str, allowed: Iterable[str]) -> str:
-    allowed = list(allowed)
-    if not isinstance(value, str) or value not in allowed:
-        raise not_one_of(path, value, allowed)
-    return value
-
-
-def check_option(mixer: str, name: Any, value: Any, path: str) -> Any:
-    """One mixer option, type-checked against the block's declared default. Returns the normalised value."""
-    defaults = MIXERS[mixer].options
-    if name not in defaults:
-        allowed = ", ".join(defaults) or "none"
-        raise SpecError(
-            path,
-            f"unknown option for mixer {mixer!r}; allowed: {allowed}{did_you_mean(name, list(defaults))}",
-        )
-    default = defaults[name]
-    lo = 1 if name in POSITIVE_OPTIONS else 0
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise SpecError(path, f"expected a boolean (true/false), got {type_name(value)} {value!r}")
-        return value
-    if isinstance(default, int):
-        return as_int(value, path, lo, MAX_OPTION_INT)
-    if isinstance(default, float):
-        return as_float(value, path)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise SpecError(path, f"expected a string, got {type_name(value)} {value!r}")
-        return value
-    if default is None:  # e.g. shift=None (window // 2), span=None (whole axis): null or an integer
-        if value is None:
-            return None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return as_int(value, path, lo, MAX_OPTION_INT)
-        raise SpecError(path, f"expected an integer or null, got {type_name(value)} {value!r}")
-    if not isinstance(value, type(default)):
-        raise SpecError(path, f"expected {type(default).__name__}, got {type_name(value)} {value!r}")
-    return value
-
-
-@functools.lru_cache(maxsize=4096)
-def _probe(mixer: str, dim: int, items: tuple[tuple[str, Any], ...]) -> str | None:
-    """Construct the mixer once to learn whether the blocks accept these options; the block's message or None.
-
-    Blocks validate their own arguments (ValueError naming the argument); asking them keeps this file from
-    re-encoding rules such as "axial needs an even head dimension". Narrow layers are built on the CPU (about a
-    millisecond); wide ones on the meta device so that they cost no memory, falling back to the CPU for init
-    code that does not run on meta tensors.
-    """
-    import torch
-
-    from hybridnas.blocks import build_mixer
-
-    # Building initialises weights: keep the global RNG untouched, or the first build_model() after
-    # torch.manual_seed() would differ from the next (cached) one.
-    with torch.random.fork_rng(devices=[]):
-        if dim > META_ABOVE:
-            try:
-                with torch.device("meta"):
-                    build_mixer(mixer, dim, **dict(items))
-                return None
-            except ValueError as e:
-                return str(e)
-            except Exception:  # init code that does not run on meta tensors: the CPU decides below
-                pass
-        try:
-            build_mixer(mixer, dim, **dict(items))
-        except ValueError as e:
-            return str(e)
-    return None
-
-
-def mixer_error(mixer: str, dim: int, options: Mapping[str, Any]) -> str | None:
-    """Why `mixer` cannot be built with `dim` channels and these options, or None when it can."""
-    return _probe(mixer, dim, tuple(sorted(options.items(), key=lambda kv: kv[0])))
-
-
-def check_heads(mixer: str, channels: int, options: Mapping[str, Any], stage_path: str) -> None:
-    """The common mistake first, with a helpful message: heads must divide the width."""
-    if "heads" not in MIXERS[mixer].options:
-        return
-    heads = options.get("heads", MIXERS[mixer].options["heads"])
-    if isinstance(heads, int) and heads >= 1 and channels % heads:
-        divisors = [h for h in range(1, min(channels, 64) + 1) if channels % h == 0]
-        if "heads" in options:
-            where, note = key_path(stage_path, "options.heads"), ""
-        else:
-            where, note = key_path(stage_path, "channels"), f" (the {mixer} default)"
-        raise SpecError(
-            where,
-            f"channels {channels} is not divisible by heads {heads}{note}; "
-            f"heads that divide {channels}: {', '.join(map(str, divisors))}",
-        )
-
-
-def downsampled(side: int) -> int:
-    """Map side after one downsampling (ceil, as every downsampler pads odd sizes)."""
-    return (side + 1) // 2
-
-
-# --------------------------------------------------------------------------------------------------------------
-# YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
-                )
-            seen[key] = key_node.start_mark.line
-        except TypeError:  # an unhashable key: let the base constructor produce its own error
-            break
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def read_text(text_or_path: str | os.PathLike) -> tuple[str, str | None]:
-    """(text, path or None). A `str` is a path when it is one line ending in .yaml/.yml or an existing file."""
-    if isinstance(text_or_path, os.PathLike) or (
-        isinstance(text_or_path, str)
-        and "\n" not in text_or_path
-        and (text_or_path.endswith((".yaml", ".yml")) or os.path.isfile(text_or_path))
-    ):
-        path = os.fspath(text_or_path)
-        try:
-            return Path(path).read_text(encoding="utf-8"), path
-        except FileNotFoundError:
-            raise SpecError(path, "file not found") from None
-        except IsADirectoryError:
-            raise SpecError(path, "is a directory, expected a YAML file") from None
-        except UnicodeDecodeError as e:
-            raise SpecError(path, f"not a UTF-8 text file ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise SpecError(path, f"cannot read: {e.strerror}") from None
-    if not isinstance(text_or_path, str):
-        raise SpecError("", f"expected YAML text or a file path, got {type_name(text_or_path)}")
-    return text_or_path, None
-
-
-def load_yaml(text: str, source: str | None = None) -> Any:
-    """Parse YAML; a syntax error becomes a SpecError with the line and column."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader: no arbitrary objects
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = e.problem or e.context or "syntax error"
-        raise SpecError(source or "yaml", f"invalid YAML{where}: {problem}") from None
-    except yaml.reader.ReaderError as e:  # a control character (binary junk): say where, on one line
-        char = e.character if isinstance(e.character, str) else chr(e.character)
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
-        raise SpecError(
-            source or "yaml",
-            f"invalid YAML at line {line}, column {column}: character {char!r} is not allowed "
-            "(a binary file?)",
-        ) from None
-    except yaml.YAMLError as e:
-        raise SpecError(source or "yaml", f"invalid YAML: {' '.join(str(e).split())}") from None
-
-
-def load_mapping(text_or_path: str | os.PathLike, what: str) -> tuple[dict, str, str | None]:
-    """Read and parse a YAML file or text whose top level must be a mapping: (dict, text, path)."""
-    text, path = read_text(text_or_path)
-    d = load_yaml(text, path)
-    if d is None:
-        raise SpecError(path or "", f"empty {what}")
-    if not isinstance(d, dict):
-        raise SpecError(path or "", f"expected {what} (a YAML mapping at the top level), got {type_name(d)}")
-    return d, text, path
-
-
-def _plain(value: Any, path: str) -> Any:
-    """metrics/provenance values as plain YAML/JSON data (numpy scalars unwrapped)."""
-    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (list, dict, str)):
-        try:
-            value = value.item()
-        except (TypeError, ValueError):
-            pass
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise SpecError(path, f"keys must be strings, got {k!r}")
-            out[k] = _plain(v, key_path(path, k))
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, key_path(path, i)) for i, v in enumerate(value)]
-    raise SpecError(path, f"expected plain data (numbers, strings, lists, mappings), got {type_name(value)}")
-
-
-def _flow(d: Mapping) -> str:
-    return yaml.safe_dump(dict(d), default_flow_style=True, sort_keys=False, width=1 << 30).strip()
-
-
-def _scalar(v: Any) -> str:
-    return yaml.safe_dump(v, width=1 << 30).split("\n")[0]
-
+from .checks import (
+    EXTENT_OPTIONS,
+    MAX_CHANNELS,
+    MAX_DEPTH,
+    MAX_MLP_RATIO,
+    MAX_STAGES,
+    NORMS,
+    as_choice,
+    as_float,
+    as_int,
+    check_heads,
+    check_mapping,
+    check_option,
+    downsampled,
+    key_path,
+    mixer_error,
+    type_name,
+)
+from .config import MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_INPUT_SIZE
+from .errors import SpecError, did_you_mean
+from .yaml_io import flow_yaml, load_mapping, plain_data, yaml_scalar
 
 # --------------------------------------------------------------------------------------------------------------
 # the spec
@@ -580,9 +305,9 @@ class ArchSpec:
             "head": self.head.to_dict(),
         }
         if self.metrics is not None:
-            d["metrics"] = _plain(self.metrics, "metrics")
+            d["metrics"] = plain_data(self.metrics, "metrics")
         if self.provenance is not None:
-            d["provenance"] = _plain(self.provenance, "provenance")
+            d["provenance"] = plain_data(self.provenance, "provenance")
         return d
 
     @classmethod
@@ -595,13 +320,13 @@ class ArchSpec:
         """The architecture file: one line per stage; `from_yaml(spec.to_yaml()) == spec`."""
         d = self.to_dict()
         lines = [
-            f"input: {_flow(d['input'])}",
-            f"stem: {_flow(d['stem'])}",
-            f"norm: {_scalar(d['norm'])}",
-            f"drop_path: {_scalar(d['drop_path'])}",
+            f"input: {flow_yaml(d['input'])}",
+            f"stem: {flow_yaml(d['stem'])}",
+            f"norm: {yaml_scalar(d['norm'])}",
+            f"drop_path: {yaml_scalar(d['drop_path'])}",
             "stages:",
-            *(f"  - {_flow(s)}" for s in d["stages"]),
-            f"head: {_flow(d['head'])}",
+            *(f"  - {flow_yaml(s)}" for s in d["stages"]),
+            f"head: {flow_yaml(d['head'])}",
         ]
         text = "\n".join(lines) + "\n"
         for extra in ("metrics", "provenance"):
@@ -691,7 +416,7 @@ class ArchSpec:
 def _extra(value: Any, path: str) -> dict:
     if not isinstance(value, Mapping):
         raise SpecError(path, f"expected a mapping, got {type_name(value)}")
-    return _plain(value, path)
+    return plain_data(value, path)
 
 
 def _set_stage(stage: dict, parts: list[str], value: Any, path: str) -> None:
