@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,48 +194,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # search, ablate
 
 
-def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
-    """The Pareto front as a fixed-width table: objectives, then the other metrics, then the architecture.
-
-    With repeated members (``search.repeats``) val_acc is the seed mean, followed by its standard
-    deviation and the number of seeds; a member marked ``~`` is not told apart from one that
-    dominates it once accuracy differences inside the error bars are ignored.
-    """
-    from hybridnas.runners.pareto import arch_summary, human, show_measured_latency
-
-    front = show_measured_latency(front)  # latency_ms: measured where measured; the prediction beside it
-    metrics = [m for m, _ in objectives]
-    for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_predicted"):
-        if extra not in metrics and extra in front.columns:
-            metrics.append(extra)
-    repeated = "seeds" in front.columns and (front["seeds"] > 1).any()
-
-    def cell(r: dict, m: str) -> str:
-        if m == "val_acc" and repeated:
-            sd = f" ±{100 * r['val_acc_sd']:.2f}" if r.get("seeds", 1) > 1 else ""
-            return f"{human(r.get(m), m)}{sd} (n={int(r.get('seeds', 1))})"
-        return human(r.get(m), m)
-
-    header = ["trial", *[m.replace("latency_ms_predicted", "predicted_ms") for m in metrics], "architecture"]
-    rows = [
-        [
-            ("~" if r.get("indistinct") else "") + str(r["trial"]),
-            *[cell(r, m) for m in metrics],
-            arch_summary(r.get("arch")),
-        ]
-        for r in front.to_dict("records")
-    ]
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    if "indistinct" in front.columns and front["indistinct"].any():
-        lines.append(
-            "~ not told apart from a member at least as good in every other objective: their accuracies "
-            "(mean ± sd) overlap"
-        )
-    return "\n".join(lines)
-
-
 def _resume_command(args: argparse.Namespace) -> str:
     """The exact command that continues an interrupted ``search`` or ``ablate``: the same file and
     flags (they are part of what is resumed), plus ``--resume``."""
@@ -296,6 +254,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         goals = ", ".join(f"{m} ({mode})" for m, mode in res.objectives)
         means = " (val_acc: mean of the seeds ± sd)" if exp.search.repeats else ""
         print(f"Pareto front of {goals}: {len(res.front)} architectures{means}")
+        from hybridnas.runners.front_report import front_text
+
         print(front_text(res.front, res.objectives))
         if "latency_ms_predicted" in res.front.columns:
             print(

@@ -1,4 +1,5 @@
-"""The front of a search as the MLflow UI shows it: a markdown table and one interactive page.
+"""The front of a search as the MLflow UI shows it (a markdown table and one interactive page) and as
+the terminal prints it (`front_text`).
 
 - `front_markdown`: ``front.md``, the front as a markdown table (MLflow's artifact view renders
   markdown; the search's parent run also carries it as its description).
@@ -23,11 +24,13 @@ from hybridnas.runners.pareto import (
     _label,
     _predicted_positions,
     _step_where,
+    arch_summary,
     error_bars,
     feasible_table,
     human,
     non_dominated,
     objective_pairs,
+    show_measured_latency,
 )
 
 MEASURED = "latency_ms_measured"
@@ -206,3 +209,43 @@ def fronts_page(df: pd.DataFrame, objectives: Iterable[Any], title: str = "") ->
         + "\n".join(parts)
         + "\n</body></html>\n"
     )
+
+
+def front_text(front: Any, objectives: Sequence[tuple[str, str]]) -> str:
+    """The Pareto front as a fixed-width table: objectives, then the other metrics, then the architecture.
+
+    With repeated members (``search.repeats``) val_acc is the seed mean, followed by its standard
+    deviation and the number of seeds; a member marked ``~`` is not told apart from one that
+    dominates it once accuracy differences inside the error bars are ignored.
+    """
+    front = show_measured_latency(front)  # latency_ms: measured where measured; the prediction beside it
+    metrics = [m for m, _ in objectives]
+    for extra in ("val_acc", "macs", "params", "latency_ms", "latency_ms_predicted"):
+        if extra not in metrics and extra in front.columns:
+            metrics.append(extra)
+    repeated = "seeds" in front.columns and (front["seeds"] > 1).any()
+
+    def cell(r: dict, m: str) -> str:
+        if m == "val_acc" and repeated:
+            sd = f" ±{100 * r['val_acc_sd']:.2f}" if r.get("seeds", 1) > 1 else ""
+            return f"{human(r.get(m), m)}{sd} (n={int(r.get('seeds', 1))})"
+        return human(r.get(m), m)
+
+    header = ["trial", *[m.replace("latency_ms_predicted", "predicted_ms") for m in metrics], "architecture"]
+    rows = [
+        [
+            ("~" if r.get("indistinct") else "") + str(r["trial"]),
+            *[cell(r, m) for m in metrics],
+            arch_summary(r.get("arch")),
+        ]
+        for r in front.to_dict("records")
+    ]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    if "indistinct" in front.columns and front["indistinct"].any():
+        lines.append(
+            "~ not told apart from a member at least as good in every other objective: their accuracies "
+            "(mean ± sd) overlap"
+        )
+    return "\n".join(lines)

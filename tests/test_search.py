@@ -22,7 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from hybridnas.runners import cli
-from hybridnas.runners.cli import front_text
+from hybridnas.runners.front_report import front_text
 from hybridnas.runners.pareto import non_dominated
 from hybridnas.runners.search import SearchError, run_search
 from hybridnas.runners.store import child_runs
