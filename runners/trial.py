@@ -164,7 +164,7 @@ def hybridnas_trial(config: dict) -> None:
     then one final result with ``status`` ok | failed | infeasible, train_time_s, imgs_per_s and,
     once the data is loaded, ``dataset`` (JSON of `runners.data.dataset_info`). With ``restarts``
     (the rungs of asha/moasha) the learning rate anneals at each rung
-    (`runners.train.restart_factor`). Never raises for a bad architecture or a diverging run: the
+    (`runners.optim.restart_factor`). Never raises for a bad architecture or a diverging run: the
     error goes into the result.
     """
     from ray import tune

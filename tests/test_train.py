@@ -16,6 +16,7 @@ from hybridnas.blocks import MIXERS
 from hybridnas.runners.cli import main as cli
 from hybridnas.runners.data import load_dataset
 from hybridnas.runners.machine import Bf16Support
+from hybridnas.runners.optim import lr_factor, param_groups, restart_factor
 from hybridnas.runners.train import (
     DeviceData,
     TrainingDiverged,
@@ -23,10 +24,7 @@ from hybridnas.runners.train import (
     check_compatible,
     fit,
     fit_steps,
-    lr_factor,
-    param_groups,
     resolve_precision,
-    restart_factor,
     train_model,
 )
 from hybridnas.search_space.build import build_model

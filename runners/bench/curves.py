@@ -172,7 +172,7 @@ def build(
     """The table for ``exp`` with ``n_feasible`` trained architectures: from the cache when it is
     there (a partial one is completed), else sampled, measured and trained now.
 
-    ``restarts``: the epochs at which the learning-rate schedule restarts (`runners.train.restart_factor`);
+    ``restarts``: the epochs at which the learning-rate schedule restarts (`runners.optim.restart_factor`);
     ``plain``: how many of the architectures also train once with the plain schedule (no restarts),
     to compare the two; ``measure(spec)``: macs/flops/params/latency_ms of an architecture (default: as a search measures).
     """

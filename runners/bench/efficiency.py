@@ -437,7 +437,7 @@ def main(args: argparse.Namespace) -> int:
     )
     t0 = time.perf_counter()
     # The curves are trained as a moasha search trains its trials: the learning rate restarts at the
-    # rungs (`runners.train.restart_factor`; the final accuracy is the same as without, within seed noise).
+    # rungs (`runners.optim.restart_factor`; the final accuracy is the same as without, within seed noise).
     table, cached = build(exp, n, seed=s.seed, restarts=rungs, plain=min(n, 4 if quick else PLAIN))
     print(
         f"table: {len(table.archs)} architectures sampled, {len(table.feasible)} trained, "

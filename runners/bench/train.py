@@ -50,7 +50,8 @@ from ..data import Dataset, load_dataset
 from ..device import resolve_device, torch_threads
 from ..machine import machine_line
 from ..macs import profile
-from ..train import fit_steps, lr_factor, resolve_precision, seed_everything
+from ..optim import lr_factor
+from ..train import fit_steps, resolve_precision, seed_everything
 
 # experiments/arch_base.yaml (the ablations' base): 28x28 -> 14x14 -> 7x7, 16/32/64 channels.
 BENCH_ARCH = """
