@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from tiny_search import tiny_search_file
 
 from hybridnas.runners.store import child_runs, make_client
 
@@ -37,27 +38,8 @@ DATA = {"dataset": "synthetic", "size": 8, "channels": 1, "classes": 4, "samples
 
 
 def _search_file(tmp: Path, name: str, trials: int = 6) -> Path:
-    d = {
-        "name": name,
-        "data": DATA,
-        "train": {"epochs": 1, "batch_size": 32, "lr": 0.003},
-        "space": {
-            "stem": {"channels": 8},
-            "stages": [
-                {"mixer": ["conv", "window"], "depth": 1, "channels": 8, "addon": ["none", "gc"]},
-                {"mixer": ["conv", "window"], "depth": 1, "channels": [8, 16], "downsample": ["conv", "spd"]},
-            ],
-            "mixer_options": {"window": {"window": [2, 4], "heads": [2]}},
-        },
-        "objectives": [{"metric": "val_acc", "mode": "max"}, {"metric": "macs", "mode": "min"}],
-        "search": {"sampler": "random", "trials": trials, "concurrency": 2, "seed": 0},
-        "resources": {"cpu": 1},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": name},
-        "out_dir": str(tmp / "out" / name),
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
-    return path
+    search = {"sampler": "random", "trials": trials, "concurrency": 2, "seed": 0}
+    return tiny_search_file(tmp, name, search=search, epochs=1, samples=128)
 
 
 def _ablation_file(tmp: Path, name: str) -> Path:

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
+from tiny_search import tiny_search_file
 
 from hybridnas.runners import cli
 from hybridnas.runners.front_report import front_text
@@ -36,28 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _experiment(tmp: Path, name: str, search: dict, **over) -> Experiment:
     """A tiny experiment: 8x8 synthetic images, conv/window stages a few thousand MACs wide."""
-    d = {
-        "name": name,
-        "data": {"dataset": "synthetic", "size": 8, "channels": 1, "classes": 4, "samples": 256, "seed": 0},
-        "train": {"epochs": 2, "batch_size": 32, "lr": 0.003},
-        "space": {
-            "stem": {"channels": 8},
-            "stages": [
-                {"mixer": ["conv", "window"], "depth": 1, "channels": 8, "addon": ["none", "gc"]},
-                {"mixer": ["conv", "window"], "depth": 1, "channels": [8, 16], "downsample": ["conv", "spd"]},
-            ],
-            "mixer_options": {"window": {"window": [2, 4], "heads": [2]}},
-        },
-        "objectives": [{"metric": "val_acc", "mode": "max"}, {"metric": "macs", "mode": "min"}],
-        "search": search,
-        "resources": {"cpu": 1},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": name},
-        "out_dir": str(tmp / "out" / name),
-        **over,
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
-    return Experiment.from_yaml(path)
+    return Experiment.from_yaml(tiny_search_file(tmp, name, search=search, **over))
 
 
 def _children(client: MlflowClient, exp_name: str, parent: str) -> list:

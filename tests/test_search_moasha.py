@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
+from tiny_search import tiny_search_file
 
 from hybridnas.runners.pareto import non_dominated
 from hybridnas.runners.scheduler import PromotionRule
@@ -30,35 +31,18 @@ EPOCHS, RUNGS = 4, (1, 2)  # min_epochs 1, reduction factor 2
 
 
 def _experiment(tmp: Path, name: str, **search) -> Experiment:
-    d = {
-        "name": name,
-        "data": {"dataset": "synthetic", "size": 8, "channels": 1, "classes": 4, "samples": 256, "seed": 0},
-        "train": {"epochs": EPOCHS, "batch_size": 32, "lr": 0.003},
-        "space": {
-            "stem": {"channels": 8},
-            "stages": [
-                {"mixer": ["conv", "window"], "depth": 1, "channels": 8, "addon": ["none", "gc"]},
-                {"mixer": ["conv", "window"], "depth": 1, "channels": [8, 16], "downsample": ["conv", "spd"]},
-            ],
-            "mixer_options": {"window": {"window": [2, 4], "heads": [2]}},
-        },
-        "objectives": ["val_acc", "macs"],
-        "search": {
-            "sampler": "nsga2",
-            "trials": 10,
-            "concurrency": 2,
-            "seed": 0,
-            "scheduler": "moasha",
-            "min_epochs": 1,
-            "reduction_factor": 2,
-            **search,
-        },
-        "resources": {"cpu": 1},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": name},
-        "out_dir": str(tmp / "out" / name),
+    moasha = {
+        "sampler": "nsga2",
+        "trials": 10,
+        "concurrency": 2,
+        "seed": 0,
+        "scheduler": "moasha",
+        "min_epochs": 1,
+        "reduction_factor": 2,
     }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    path = tiny_search_file(
+        tmp, name, search={**moasha, **search}, epochs=EPOCHS, objectives=["val_acc", "macs"]
+    )
     return Experiment.from_yaml(path)
 
 
