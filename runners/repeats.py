@@ -18,10 +18,11 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hybridnas.runners.store import SearchRecord
 
 REPEAT_KIND = "repeat"
 TUNE_DIR = "repeats"
@@ -78,11 +79,7 @@ def plan(front: Any, exp: Any, done: set[str], restarts: Sequence[int]) -> list[
 
 def run_repeats(
     exp: Any,
-    client: Any,
-    uri: str,
-    exp_id: str,
-    parent: str,
-    out: Path,
+    rec: SearchRecord,
     objectives: Sequence[tuple[str, str]],
     restarts: Sequence[int],
     say: Callable[[str], None],
@@ -103,6 +100,7 @@ def run_repeats(
     from hybridnas.runners.store import FINISHED
     from hybridnas.runners.trial import hybridnas_trial
 
+    client, uri, exp_id, parent, out = rec.client, rec.uri, rec.exp_id, rec.parent, rec.out
     try:
         df = load_runs(exp.tracking.experiment, uri, parent_run_id=parent)
     except ExportError:

@@ -70,6 +70,7 @@ from hybridnas.runners.search_start import (
     warm_imports,
 )
 from hybridnas.runners.search_trials import Plan, count_trials, make_tuner, trial_rows
+from hybridnas.runners.store import SearchRecord
 from hybridnas.runners.trial import FAULTS_ENV
 from hybridnas.search_space.errors import SpecError
 
@@ -192,9 +193,8 @@ def _search(
         timings["ray_init_s"] = time.time() - t
 
     # 1. The record: the MLflow parent run and <out>/state.json.
-    client, uri, exp_id, parent, state = open_record(
-        exp, out, tracking_uri, state, fp, store_timeout, say, stop
-    )
+    rec, state = open_record(exp, out, tracking_uri, state, fp, store_timeout, say, stop)
+    client, uri, exp_id, parent = rec.client, rec.uri, rec.exp_id, rec.parent
 
     with parent_guard(client, parent, stop, "search", out):
         plan = Plan.of(exp, input_spec)
@@ -225,11 +225,7 @@ def _search(
             exp,
             plan,
             input_spec,
-            client,
-            uri,
-            exp_id,
-            parent,
-            out,
+            rec,
             snapshot,
             faults,
             resume,
@@ -263,7 +259,7 @@ def _search(
                 f"{client.pending} writes are kept in {client.path} and delivered by --resume",
             )
         trials = trial_rows(grid_result)
-        counts = count_trials(client, exp_id, parent, plan.stopping)
+        counts = count_trials(rec, plan.stopping)
         interrupted = sum(counts.values()) < plan.n_trials
         stopped_by = (stop.reason or "SIGINT") if interrupted else None
         starts = [t["started_at"] for t in trials if t.get("started_at") and not t.get("replayed")]
@@ -274,9 +270,7 @@ def _search(
         why = None if interrupted else nothing_trained(client, exp_id, parent)
         if not interrupted and not why and exp.search.repeats:
             with stop.tune(), tracking.driver(parent, client, progress if callable(progress) else None):
-                rep_summary = run_repeats(
-                    exp, client, uri, exp_id, parent, out, plan.objectives, plan.rungs, say, progress, started
-                )
+                rep_summary = run_repeats(exp, rec, plan.objectives, plan.rungs, say, progress, started)
             if rep_summary["interrupted"]:
                 interrupted, stopped_by = True, stop.reason or "SIGINT"
         if why:  # every trial failed, or none trained: no front, and not a success
@@ -300,9 +294,7 @@ def _search(
             )
         else:
             t = time.time()
-            front, exported, files = _finish(
-                exp, client, uri, exp_id, parent, out, plan.objectives, input_spec, say, started_ray
-            )
+            front, exported, files = _finish(exp, rec, plan.objectives, input_spec, say, started_ray)
             reached, fidelity_lines = fidelity_report(
                 client, exp_id, parent, exp.search, exp.train.epochs, front
             )
@@ -340,11 +332,7 @@ def _search(
 
 def _finish(
     exp: Any,
-    client: Any,
-    uri: str,
-    exp_id: str,
-    parent: str,
-    out: Path,
+    rec: SearchRecord,
     objectives: list[tuple[str, str]],
     input_spec: Any,
     say: Callable[[str], None],
@@ -366,11 +354,7 @@ def _finish(
     try:
         return finish_search(
             exp,
-            client,
-            uri,
-            exp_id,
-            parent,
-            out,
+            rec,
             objectives,
             input_spec,
             say,

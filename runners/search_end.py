@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridnas.runners.latency import LatencyContext
+from hybridnas.runners.store import SearchRecord
 
 FRONT_ROUNDS = 3  # latency rounds per front member, interleaved across members
 
@@ -36,11 +37,7 @@ def front_latencies(archs: Mapping[str, Any], input_size: Sequence[int], lat: An
 
 def finish_search(
     exp: Any,
-    client: Any,
-    uri: str,
-    exp_id: str,
-    parent: str,
-    out: Path,
+    rec: SearchRecord,
     objectives: list,
     input_spec: Any,
     say: Any,
@@ -55,6 +52,7 @@ def finish_search(
     from hybridnas.runners.pareto import feasible_table, show_measured_latency, write_fronts
     from hybridnas.runners.store import front_tags, log_metrics, run_route
 
+    client, uri, exp_id, parent, out = rec.client, rec.uri, rec.exp_id, rec.parent, rec.out
     try:
         df = load_runs(exp.tracking.experiment, uri, parent_run_id=parent)
     except ExportError as e:

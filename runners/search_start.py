@@ -27,6 +27,7 @@ from hybridnas.runners.files import shown
 from hybridnas.runners.latency import LatencyContext
 from hybridnas.runners.resume import SearchError, Stop, close_orphans, write_state
 from hybridnas.runners.search_trials import Plan
+from hybridnas.runners.store import SearchRecord
 from hybridnas.runners.store_buffer import BUFFER_FILE, BufferedClient
 
 EXPERIMENT_NOTE = (
@@ -95,9 +96,9 @@ def open_record(
     store_timeout: float,
     say: Callable[[str], None],
     stop: Stop,
-) -> tuple[Any, str, str, str, dict]:
+) -> tuple[SearchRecord, dict]:
     """The search's MLflow parent run, new or (``state`` from ``--resume``) found again, and its
-    state.json; returns ``(client, uri, experiment id, parent run id, state)``. The client buffers
+    state.json; returns the `SearchRecord` and the state. The client buffers
     its writes (`runners.store_buffer`); writes an earlier driver could not deliver go first."""
     from mlflow.exceptions import MlflowException
 
@@ -146,7 +147,7 @@ def open_record(
             )
     except MlflowException as e:
         raise tr.TrackingError(f"MLflow at {tr.redact(uri)}: {e.message}") from None
-    return client, uri, exp_id, parent, state
+    return SearchRecord(client, uri, exp_id, parent, out), state
 
 
 def announce(exp: Any, plan: Plan, parent: str, uri: str, say: Callable[[str], None]) -> None:

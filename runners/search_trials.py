@@ -19,6 +19,7 @@ from hybridnas.runners.repeats import REPEAT_KIND
 from hybridnas.runners.resume import Replays, replays_from_mlflow
 from hybridnas.runners.scheduler import make_scheduler
 from hybridnas.runners.searcher import ArchSearcher, ArchSuggester, make_sampler
+from hybridnas.runners.store import SearchRecord
 from hybridnas.runners.trial import (
     STATUS_FAILED,
     STATUS_INFEASIBLE,
@@ -63,11 +64,7 @@ def make_tuner(
     exp: Any,
     plan: Plan,
     input_spec: Any,
-    client: Any,
-    uri: str,
-    exp_id: str,
-    parent: str,
-    out: Path,
+    rec: SearchRecord,
     snapshot: Path,
     faults: str,
     resume: bool,
@@ -82,6 +79,8 @@ def make_tuner(
     import optuna
     import ray
     from ray import tune
+
+    client, uri, exp_id, parent, out = rec.client, rec.uri, rec.exp_id, rec.parent, rec.out
 
     suggester = ArchSuggester(
         exp.space.to_dict(),
@@ -200,11 +199,11 @@ def trial_rows(grid_result: Any) -> list[dict]:
     return rows
 
 
-def count_trials(client: Any, exp_id: str, parent: str, stopping: bool) -> dict[str, int]:
+def count_trials(rec: SearchRecord, stopping: bool) -> dict[str, int]:
     """How many of the search's trials (repeats not counted) MLflow holds with each status."""
     named = (STATUS_OK, STATUS_STOPPED) if stopping else (STATUS_OK,)
     counts = {s: 0 for s in (*named, STATUS_FAILED, STATUS_INFEASIBLE)}
-    for run in tr.child_runs(client, exp_id, parent):
+    for run in tr.child_runs(rec.client, rec.exp_id, rec.parent):
         if run.data.tags.get("hybridnas.kind") == REPEAT_KIND:
             continue
         s = run.data.tags.get("hybridnas.status")

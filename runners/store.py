@@ -13,6 +13,7 @@ import re
 import shlex
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -37,6 +38,18 @@ FINAL_METRICS = (
 
 
 EPOCH_METRICS = ("train_loss", "val_acc")
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """Where one search is recorded: the MLflow client (the driver's buffered one), the tracking URI,
+    the MLflow experiment id, the search's parent run id and its output folder (state.json, tune/)."""
+
+    client: Any
+    uri: str
+    exp_id: str
+    parent: str
+    out: Path
 
 
 FINISHED = ("ok", "failed", "infeasible", "stopped")  # stopped: at a rung, by the scheduler
