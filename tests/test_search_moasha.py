@@ -16,6 +16,7 @@ import yaml
 from mlflow import MlflowClient
 from tiny_search import tiny_search_file
 
+from hybridnas.runners.fidelity import MIN_PAIRS
 from hybridnas.runners.pareto import non_dominated
 from hybridnas.runners.scheduler import PromotionRule
 from hybridnas.runners.search import apply_overrides, run_search
@@ -123,16 +124,20 @@ def test_repeats_are_logged_and_the_front_is_recomputed_on_seed_means(moasha):
 
 
 def test_fidelity_metrics_exist_and_lie_between_minus_one_and_one(moasha):
-    _, res, client = moasha
+    exp, res, client = moasha
     metrics = client.get_run(res.parent_run_id).data.metrics
     taus = {k: v for k, v in metrics.items() if k.startswith("fidelity_tau_")}
     assert all(-1.0 <= v <= 1.0 for v in taus.values())
-    # A tau for every pair of successive fidelities that at least three trials reached.
-    pairs = [(1, 2, res.reached[2]), (2, EPOCHS, res.reached[EPOCHS])]
-    assert {f"fidelity_tau_epoch{a}_epoch{b}" for a, b, n in pairs if n >= 3} <= set(taus)
-    assert res.reached[2] >= 3  # 10 trials, about half go on from epoch 1
-    assert all(metrics[k.replace("_tau_", "_n_")] >= 3 for k in taus)
-    assert res.fidelity and res.fidelity[0].startswith("epoch 1 -> epoch 2: tau")
+    assert all(metrics[k.replace("_tau_", "_n_")] >= MIN_PAIRS for k in taus)
+    # A tau, logged and printed, for each pair of successive fidelities that at least MIN_PAIRS
+    # trials reached, and none for the others. How many go on from a rung depends on the order the
+    # trials arrive in (moasha decides on arrival), so the counts are read, not assumed; the first
+    # trial at a rung always goes on.
+    assert res.reached[1] == exp.search.trials and res.reached[2] >= 1
+    for a, b in ((1, 2), (2, EPOCHS)):
+        key, enough = f"fidelity_tau_epoch{a}_epoch{b}", res.reached[b] >= MIN_PAIRS
+        printed = [ln for ln in res.fidelity if ln.startswith(f"epoch {a} -> epoch {b}: tau")]
+        assert (key in taus) == enough and len(printed) == int(enough)
 
 
 def test_an_epochs_override_below_the_first_rung_is_refused(tmp_path):
